@@ -1,0 +1,168 @@
+"""The learned augmenter A_θ of Mounsaveng et al. (WACV 2021), section 3.2.
+
+A small MLP maps per-sample Gaussian noise to transformation parameters. The parameters are
+applied with differentiable warps and kornia's colour ops, so the validation loss of the
+look-ahead classifier can be differentiated with respect to θ.
+
+Functional core (`params_to_matrix`, `apply_transform`) plus a module wrapper (`Augmenter`),
+in kornia's style.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Number of raw outputs each transform family needs.
+FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4}
+
+#: The paper's three augmenter sizes: (noise dimension, hidden widths). ``None`` means "n",
+#: the number of transformation parameters; "10n" is written as the string "10n".
+MLP_SIZES: dict[str, tuple[int | None, tuple[int | str, ...]]] = {
+    "small": (None, ("n", "10n")),
+    "medium": (100, (64, 32)),
+    "large": (100, (512, 1024, 124, 512)),
+}
+
+
+def parse_transforms(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Turn ``"affine,color"`` into a validated, canonically ordered tuple of families."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in FAMILY_SIZES]
+    if unknown or not names:
+        raise ValueError(
+            f"--transforms: unknown or empty transform family {unknown or spec!r}; "
+            f"choose a comma-separated subset of {', '.join(FAMILY_SIZES)}"
+        )
+    return tuple(f for f in FAMILY_SIZES if f in names)
+
+
+def split_params(raw: Tensor, families: Sequence[str]) -> dict[str, Tensor]:
+    """Split the MLP's (B, n) output into one tensor per family."""
+    out, i = {}, 0
+    for f in families:
+        out[f] = raw[:, i : i + FAMILY_SIZES[f]]
+        i += FAMILY_SIZES[f]
+    return out
+
+
+def params_to_matrix(params: dict[str, Tensor]) -> Tensor | None:
+    """(B, 2, 3) affine matrix in normalised [-1, 1] coordinates, identity when all params are 0.
+
+    ``affine`` is a residual on the full 2x3 matrix; ``translation`` adds to its last column
+    (in units of half the image size, so 0.25 moves a 32 px image by 4 px).
+    """
+    geo = [params[f] for f in ("affine", "translation") if f in params]
+    if not geo:
+        return None
+    b = geo[0].shape[0]
+    ref = geo[0]
+    eye = torch.eye(2, 3, dtype=ref.dtype, device=ref.device).expand(b, 2, 3)
+    mat = eye
+    if "affine" in params:
+        mat = mat + params["affine"].reshape(b, 2, 3)
+    if "translation" in params:
+        mat = mat + F.pad(params["translation"].unsqueeze(-1), (2, 0))
+    return mat
+
+
+def color_factors(p: Tensor) -> dict[str, Tensor]:
+    """Map 4 raw colour outputs to kornia's arguments; all are identity at 0."""
+    return {
+        "brightness": p[:, 0],  # additive offset
+        "contrast": torch.exp(p[:, 1]),  # multiplicative factor
+        "saturation": torch.exp(p[:, 2]),  # multiplicative factor
+        "hue": math.pi * torch.tanh(p[:, 3]),  # radians in (-pi, pi)
+    }
+
+
+def apply_transform(x: Tensor, params: dict[str, Tensor], padding_mode: str = "zeros") -> Tensor:
+    """Warp then recolour a batch of [0, 1] images. Differentiable in ``params``."""
+    mat = params_to_matrix(params)
+    if mat is not None:
+        grid = F.affine_grid(mat.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    if "color" in params:
+        c = color_factors(params["color"].to(x.dtype))
+        x = kornia.enhance.adjust_brightness(x, c["brightness"])
+        x = kornia.enhance.adjust_contrast(x, c["contrast"])
+        x = kornia.enhance.adjust_saturation(x, c["saturation"])
+        x = kornia.enhance.adjust_hue(x, c["hue"])
+    return x
+
+
+def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
+    """How far the sampled transforms are from identity; logged per epoch."""
+    out: dict[str, float] = {}
+    mat = params_to_matrix(params)
+    if mat is not None:
+        delta = mat.detach().float() - torch.eye(2, 3, device=mat.device)
+        out["affine_abs_dev"] = delta[:, :, :2].abs().mean().item()
+        out["affine_mean_dev"] = delta[:, :, :2].mean(0).abs().mean().item()
+        out["translation_px"] = (delta[:, :, 2].norm(dim=1) * image_size / 2).mean().item()
+    if "color" in params:
+        c = color_factors(params["color"].detach().float())
+        out["brightness_abs"] = c["brightness"].abs().mean().item()
+        out["contrast_abs_log"] = c["contrast"].log().abs().mean().item()
+        out["saturation_abs_log"] = c["saturation"].log().abs().mean().item()
+        out["hue_abs_rad"] = c["hue"].abs().mean().item()
+    return out
+
+
+class Augmenter(nn.Module):
+    """Noise-driven MLP A_θ: z ~ N(0, I) per sample → transformation parameters.
+
+    The last layer starts at zero, so training begins at exactly the identity transform.
+    With ``center_hidden`` the last hidden features are centred over the batch, so the
+    last layer's weights only shape per-sample variety and its bias alone sets the mean
+    transform (see README: the mean otherwise drifts towards a fixed zoom).
+    """
+
+    def __init__(
+        self,
+        transforms: str | Sequence[str] = ("affine",),
+        size: str = "small",
+        center_hidden: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        if size not in MLP_SIZES:
+            raise ValueError(f"--aug-size: unknown augmenter size {size!r}; choose {', '.join(MLP_SIZES)}")
+        self.families = parse_transforms(transforms)
+        self.num_params = sum(FAMILY_SIZES[f] for f in self.families)
+        n = self.num_params
+        noise_dim, hidden = MLP_SIZES[size]
+        self.noise_dim = n if noise_dim is None else noise_dim
+        widths = [n if h == "n" else 10 * n if h == "10n" else int(h) for h in hidden]
+        layers: list[nn.Module] = []
+        d = self.noise_dim
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU()]
+            d = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(d, n)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.center_hidden = center_hidden
+        self.padding_mode = padding_mode
+
+    def sample_noise(self, batch_size: int, device: torch.device | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
+        dev = device or self.head.weight.device
+        return torch.randn(batch_size, self.noise_dim, device=dev, generator=generator,
+                           dtype=self.head.weight.dtype)
+
+    def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+        z = self.sample_noise(batch_size) if noise is None else noise
+        h = self.body(z)
+        if self.center_hidden and h.shape[0] > 1:
+            h = h - h.mean(0, keepdim=True)
+        return split_params(self.head(h), self.families)
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        return apply_transform(x, self.sample_params(x.shape[0], noise), self.padding_mode)

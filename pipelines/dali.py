@@ -1,0 +1,121 @@
+"""DALI image pipeline: decode, crop and hand [0, 1] float CHW batches to PyTorch.
+
+On a GPU, JPEGs are decoded by the ``mixed`` (nvJPEG) decoder, fused with the random crop for
+training. Without CUDA, the same graph runs with CPU operators and ``device_id=None``.
+
+The caller passes an explicit file list per epoch (already permuted and padded, see
+`dali_bilevel.data`), so sharding is exact: shard ``i`` of ``n`` gets the contiguous
+``i``-th ``1/n`` of the list, as ``fn.readers.file`` defines it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+CROPS = ("center", "random")
+
+
+def dali_import_error() -> str | None:
+    """None when DALI imports, else a one-line reason."""
+    try:
+        import nvidia.dali
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA library underneath
+        return (f"NVIDIA DALI is not usable here ({type(e).__name__}: {e}); "
+                "install nvidia-dali-cuda130 or use --loader torch")
+    return None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'gpu' when CUDA is usable, else 'cpu'. An explicit 'gpu' without CUDA is an error."""
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        return "gpu" if has_cuda else "cpu"
+    if device == "gpu" and not has_cuda:
+        raise RuntimeError("--dali-device gpu: no CUDA device is available; use --dali-device cpu")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"--dali-device: unknown device {device!r}; choose auto, cpu or gpu")
+    return device
+
+
+class DaliLoader:
+    """Iterate ``(images, labels)``: float32 NCHW in [0, 1] and int64, on the training device."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        *,
+        batch_size: int,
+        image_size: int,
+        crop: str = "center",
+        crop_pct: float = 0.875,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        device: str = "auto",
+        device_id: int = 0,
+        num_threads: int = 2,
+        seed: int = 0,
+    ) -> None:
+        err = dali_import_error()
+        if err:
+            raise RuntimeError(err)
+        if crop not in CROPS:
+            raise ValueError(f"--train-crop: unknown crop {crop!r}; choose {', '.join(CROPS)}")
+        if len(files) % (num_shards * batch_size):
+            raise ValueError(f"{len(files)} files do not split into {num_shards} shards of whole {batch_size}-batches")
+        self.device = resolve_device(device)
+        self.batches = len(files) // num_shards // batch_size
+        self._pipe = self._build(list(files), list(labels), batch_size, image_size, crop, crop_pct,
+                                 shard_id, num_shards, device_id, num_threads, seed)
+
+    def _build(self, files, labels, batch_size, size, crop, crop_pct, shard_id, num_shards,
+               device_id, num_threads, seed):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device == "gpu"
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
+                      seed=seed, prefetch_queue_depth=2)
+        def pipe():
+            data, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                                          random_shuffle=False, pad_last_batch=True, name="Reader")
+            dec = "mixed" if gpu else "cpu"
+            if crop == "random":
+                # ROI decoding: only the random crop's region is decoded (nvJPEG on GPU).
+                img = fn.decoders.image_random_crop(data, device=dec, output_type=types.RGB,
+                                                    random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+                img = fn.resize(img, resize_x=size, resize_y=size)
+            else:
+                img = fn.decoders.image(data, device=dec, output_type=types.RGB)
+                img = fn.resize(img, resize_shorter=round(size / crop_pct))
+            img = fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
+                                           mean=[0.0] * 3, std=[255.0] * 3)
+            return img, label.gpu() if gpu else label
+
+        p = pipe()
+        p.build()
+        return p
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(self.batches):
+            images, labels = self._pipe.run()
+            yield _to_torch(images), _to_torch(labels).reshape(-1).long()
+
+
+def _to_torch(tl) -> Tensor:
+    """DALI TensorList → torch tensor, zero-copy-free but simple: DLPack on the tensor's device."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    t = tl.as_tensor()
+    on_gpu = type(tl).__name__ == "TensorListGPU"
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype],
+                      device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    feed_ndarray(t, out)
+    return out

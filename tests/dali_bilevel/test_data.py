@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from dali_bilevel.data import PAD_LABEL, epoch_rng, eval_list, split_train_val, stream_list, train_list
+
+
+def test_validation_split_is_redrawn_each_epoch_and_disjoint():
+    tr0, va0 = split_train_val(100, 0.2, seed=3, epoch=0)
+    _, va1 = split_train_val(100, 0.2, seed=3, epoch=1)
+    assert len(va0) == 20 and len(tr0) == 80
+    assert set(tr0).isdisjoint(va0) and set(tr0) | set(va0) == set(range(100))
+    assert set(va0) != set(va1)
+    np.testing.assert_array_equal(split_train_val(100, 0.2, seed=3, epoch=0)[1], va0)  # reproducible
+    tr, va = split_train_val(100, 0.0, seed=3, epoch=0)
+    assert len(tr) == 100 and len(va) == 100 and not np.array_equal(tr, va)
+    with pytest.raises(ValueError, match="--val-fraction"):
+        split_train_val(10, 1.0, 0, 0)
+
+
+def test_lists_are_whole_batches():
+    files = [f"f{i}" for i in range(10)]
+    labels = list(range(10))
+    tl = train_list(files, labels, np.arange(10), global_batch=4)
+    assert len(tl) == 8
+    el = eval_list(files, labels, global_batch=4)
+    assert len(el) == 12 and el.labels[10:] == [PAD_LABEL, PAD_LABEL] and el.labels[:10] == labels
+    sl = stream_list(files, labels, np.arange(3), 8, epoch_rng(0, 0, 2))
+    assert len(sl) == 8 and set(sl.labels) == {0, 1, 2}
+    with pytest.raises(ValueError, match="--batch-size 16 is larger"):
+        train_list(files, labels, np.arange(10), global_batch=16)

@@ -1,0 +1,126 @@
+"""The hypergradient against independent implementations: finite differences of the real
+optimizer's look-ahead, the real optimizer step itself, and the finite-difference mode."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dali_bilevel.hypergrad import bilevel_step, sgd_lookahead
+from models.augmenter import Augmenter
+
+
+def smooth_net(bn: bool = False) -> nn.Module:
+    """Small CNN with SiLU and no max-pool: smooth, so finite differences are meaningful."""
+    norm = nn.BatchNorm2d(8) if bn else nn.Identity()
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                         nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def setup(dtype=torch.float64, bn=False, transforms="affine,color", nesterov=True, seed=0):
+    torch.manual_seed(seed)
+    model = smooth_net(bn).to(dtype)
+    aug = Augmenter(transforms, "small", center_hidden=True).to(dtype)
+    nn.init.normal_(aug.head.weight, std=0.05)
+    nn.init.normal_(aug.head.bias, std=0.02)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    for _ in range(2):  # give the optimizer a real momentum buffer
+        F.cross_entropy(model(torch.rand(4, 3, 12, 12, dtype=dtype)), torch.randint(0, 5, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    data = dict(x_tr=torch.rand(6, 3, 12, 12, dtype=dtype), y_tr=torch.randint(0, 5, (6,)),
+                x_val=torch.rand(6, 3, 12, 12, dtype=dtype), y_val=torch.randint(0, 5, (6,)),
+                noise=aug.sample_noise(6))
+    return model, aug, opt, data
+
+
+def val_loss_after_real_step(model, aug, opt, data, theta_shift=None) -> float:
+    """Second implementation of L_val(ω'(θ)): copy everything, take torch's own SGD step."""
+    state = copy.deepcopy({"m": model, "a": aug, "o": opt})
+    m, a, o = state["m"], state["a"], state["o"]
+    if theta_shift is not None:
+        with torch.no_grad():
+            for p, s in zip(a.parameters(), theta_shift, strict=True):
+                p.add_(s)
+    F.cross_entropy(m(a(data["x_tr"], data["noise"])), data["y_tr"]).backward()
+    o.step()
+    with torch.no_grad():
+        return F.cross_entropy(m(data["x_val"]), data["y_val"]).item()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_exact_hypergradient_matches_central_difference(nesterov):
+    model, aug, opt, data = setup(nesterov=nesterov)
+    out = bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"],
+                       noise=data["noise"], mode="exact")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
+        eps = 1e-6  # bilinear sampling has kinks at pixel centres, which near-identity warps sit on
+        fd = (val_loss_after_real_step(model, aug, opt, data, [eps * v for v in d])
+              - val_loss_after_real_step(model, aug, opt, data, [-eps * v for v in d])) / (2 * eps)
+        analytic = sum((h * v).sum() for h, v in zip(out.augmenter_grads, d, strict=True)).item()
+        assert analytic == pytest.approx(fd, rel=1e-4), (analytic, fd)
+
+
+def test_lookahead_equals_the_real_optimizer_step():
+    model, aug, opt, data = setup()
+    out = bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"],
+                       noise=data["noise"])
+    for p, g in zip(model.parameters(), out.classifier_grads, strict=True):
+        p.grad = g
+    opt.step()
+    for p, w in zip(model.parameters(), out.lookahead, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+
+
+def test_lookahead_first_step_and_dampening():
+    p = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    g = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    for kw in (dict(momentum=0.9, nesterov=True), dict(momentum=0.9, dampening=0.3), dict(momentum=0.0)):
+        opt = torch.optim.SGD([p], lr=0.2, weight_decay=0.1, **kw)
+        for _ in range(2):  # first step (no buffer), then with buffer
+            (w,), (c,) = sgd_lookahead(opt, [p], [g])
+            (w2,), _ = sgd_lookahead(opt, [p], [g + 1e-3])  # ∂ω'/∂g by a difference of look-aheads
+            torch.testing.assert_close((w2 - w) / 1e-3, torch.full_like(w, c), rtol=1e-9, atol=1e-12)
+            p.grad = g.clone()
+            opt.step()
+            torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-15)
+
+
+def test_lookahead_rejects_other_optimizers():
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="SGD"):
+        sgd_lookahead(torch.optim.Adam([p]), [p], [torch.zeros(2)])
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_batchnorm_buffers_untouched_by_lookahead_and_validation(mode):
+    model, aug, opt, data = setup(bn=True)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # the one real train forward is the only one allowed to move the statistics
+        reference(aug(data["x_tr"], data["noise"]))
+    bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"],
+                 noise=data["noise"], mode=mode)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, b_ref), name
+
+
+def test_finite_difference_agrees_with_exact():
+    model, aug, opt, data = setup()
+    args = (model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"])
+    exact = bilevel_step(*copy.deepcopy(args), noise=data["noise"], mode="exact").augmenter_grads
+    fd = bilevel_step(*copy.deepcopy(args), noise=data["noise"], mode="finite_difference").augmenter_grads
+    a, b = torch.cat([t.flatten() for t in exact]), torch.cat([t.flatten() for t in fd])
+    assert F.cosine_similarity(a, b, dim=0) >= 0.99
+    assert b.norm() == pytest.approx(a.norm().item(), rel=0.05)
+
+
+def test_step_is_pure():
+    model, aug, opt, data = setup()
+    before = [p.detach().clone() for p in [*model.parameters(), *aug.parameters()]]
+    bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"], noise=data["noise"])
+    after = [*model.parameters(), *aug.parameters()]
+    assert all(torch.equal(a, b) and a.grad is None for a, b in zip(after, before, strict=True))

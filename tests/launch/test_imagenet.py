@@ -1,0 +1,77 @@
+"""End to end through the launch script: outputs, user errors, and a 2-process CPU run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--model", "cifar_resnet18_w16", "--image-size", "32", "--crop-pct", "1", "--batch-size", "16",
+         "--lr", "0.05", "--no-progress", "--transforms", "affine,color"]
+
+
+def run(args, cwd=ROOT, env=None, launcher=None):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / "imagenet.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_learned_run_writes_metrics_and_grid(shapes_dir, tmp_path, loader):
+    out = tmp_path / "out"
+    r = run(["--data", str(shapes_dir), "--output", str(out), "--epochs", "2", "--loader", loader, "--workers", "1",
+             *SMALL])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["augment"] == "learned" and len(m["epochs"]) == 2
+    for e in m["epochs"]:
+        assert {"train_loss", "val_acc", "test_acc", "images_per_s", "step_time_s"} <= set(e)
+        assert e["test_count"] == 24 and e["aug_updates"] == 2 and e["aug_skipped_nonfinite"] == 0
+    assert 0 <= m["test_acc"] <= 100
+    assert (out / "augmentations_epoch001.png").stat().st_size > 1000
+    assert (out / "augmenter.pt").exists()
+    assert "final test accuracy" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--output", "x"], "the following arguments are required: --data"),
+        (["--data", "/nonexistent/dir"], "error: --data: /nonexistent/dir: no such directory"),
+        (["--model", "resnet181"], "error: --model: unknown model name 'resnet181'; did you mean: resnet18"),
+        (["--batch-size", "4096"], "error: --batch-size 4096 is larger than the 38 training images"),
+    ],
+)
+def test_user_errors_are_one_line(shapes_dir, tmp_path, args, message):
+    base = ["--data", str(shapes_dir), "--output", str(tmp_path), "--epochs", "1", *SMALL]
+    # later flags win in argparse, so the case's flags override the base ones
+    r = run(base + args if "--output" not in args else args)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert message in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_layout_is_one_line(tmp_path):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    r = run(["--data", str(tmp_path / "images"), "--output", str(tmp_path / "o"), *SMALL])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("(ImageFolder layout)")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(shapes_dir, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29517"]
+    out = tmp_path / "out"
+    r = run(["--data", str(shapes_dir), "--output", str(out), "--epochs", "1", "--workers", "1", *SMALL],
+            env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["epochs"][0]["test_count"] == 24
+    assert m["epochs"][0]["aug_updates"] == 2

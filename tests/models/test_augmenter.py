@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from models.augmenter import (
+    FAMILY_SIZES,
+    MLP_SIZES,
+    Augmenter,
+    apply_transform,
+    magnitudes,
+    params_to_matrix,
+    parse_transforms,
+)
+from models.predefined import random_flip, random_translate
+
+
+def test_parse_transforms_orders_and_rejects():
+    assert parse_transforms("color, affine") == ("affine", "color")
+    with pytest.raises(ValueError, match="--transforms"):
+        parse_transforms("affine,zoom")
+
+
+@pytest.mark.parametrize("spec", ["translation", "affine", "color", "affine,color", "translation,affine,color"])
+@pytest.mark.parametrize("size", list(MLP_SIZES))
+def test_starts_at_identity(spec, size):
+    aug = Augmenter(spec, size)
+    params = aug.sample_params(5)
+    assert all((p == 0).all() for p in params.values())  # exactly the identity parameters
+    mat = params_to_matrix(params)
+    if mat is not None:
+        assert torch.equal(mat, torch.eye(2, 3).expand(5, 2, 3))
+    x = torch.rand(5, 3, 16, 16)
+    torch.testing.assert_close(aug(x), x, atol=1e-5, rtol=0)
+
+
+def test_mlp_sizes_match_paper():
+    aug = Augmenter("affine,color", "small")
+    n = 10
+    widths = [m.out_features for m in aug.body if isinstance(m, torch.nn.Linear)]
+    assert aug.noise_dim == n and widths == [n, 10 * n] and aug.head.out_features == n
+    large = Augmenter("affine", "large")
+    assert large.noise_dim == 100
+    assert [m.out_features for m in large.body if isinstance(m, torch.nn.Linear)] == [512, 1024, 124, 512]
+    assert sum(FAMILY_SIZES.values()) == 12
+
+
+def test_noise_is_per_sample_and_gradients_reach_theta():
+    torch.manual_seed(0)
+    aug = Augmenter("affine,color", "medium")
+    torch.nn.init.normal_(aug.head.weight, std=0.05)
+    x = torch.rand(4, 3, 16, 16)
+    y = aug(x)
+    p = aug.sample_params(4)
+    assert not torch.allclose(p["affine"][0], p["affine"][1])  # different transform per sample
+    y.square().mean().backward()
+    for name, t in aug.named_parameters():
+        assert t.grad is not None and t.grad.abs().sum() > 0, name
+
+
+def test_translation_moves_pixels_by_the_expected_amount():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 3] = 1.0
+    # +2 px in x: normalised translation is 2 * 2 / 8; sampling grid moves, so content moves left.
+    y = apply_transform(x, {"translation": torch.tensor([[0.5, 0.0]])})
+    assert y[0, 0, 3, 1] == pytest.approx(1.0) and y.sum() == pytest.approx(1.0)
+
+
+def test_colour_params_change_colours_differentiably():
+    x = torch.rand(2, 3, 8, 8)
+    c = torch.tensor([[0.1, 0.2, -0.3, 0.4], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    y = apply_transform(x, {"color": c})
+    assert not torch.allclose(y[0], x[0]) and torch.allclose(y[1], x[1], atol=1e-5)
+    y[0].sum().backward()
+    assert (c.grad[0] != 0).all()
+
+
+def test_center_hidden_keeps_mean_at_bias():
+    torch.manual_seed(0)
+    aug = Augmenter("affine", "small", center_hidden=True)
+    torch.nn.init.normal_(aug.head.weight)
+    mean = aug.sample_params(512)["affine"].mean(0)
+    torch.testing.assert_close(mean, aug.head.bias.detach(), atol=1e-5, rtol=0)
+
+
+def test_magnitudes_report_pixels():
+    params = {"translation": torch.tensor([[0.25, 0.0], [0.0, -0.25]])}
+    m = magnitudes(params, image_size=32)
+    assert m["translation_px"] == pytest.approx(4.0)
+
+
+def test_predefined_flip_and_translate():
+    torch.manual_seed(0)
+    x = torch.arange(64.0).view(1, 1, 8, 8).repeat(64, 1, 1, 1)
+    f = random_flip(x, "h")
+    flipped = (f == x.flip(-1)).flatten(1).all(1)
+    assert 10 < flipped.sum() < 54 and ((f == x).flatten(1).all(1) | flipped).all()
+    assert torch.equal(random_flip(x, "none"), x)
+    t = random_translate(x, 2)
+    # integer shifts: every output pixel is an input pixel or zero fill
+    assert torch.isin(t, torch.cat([x.unique(), torch.zeros(1)])).all()
+    with pytest.raises(ValueError, match="--flip"):
+        random_flip(x, "d")
