@@ -32,6 +32,7 @@ class TrainConfig:
     crop_pct: float = _f(0.875, "evaluation resize: shorter side to image_size / crop_pct, then centre crop")
     train_crop: str = _f("auto", "train crop: random-resized, centre, or auto (random for predefined)",
                          choices=("auto", "random", "center"))
+    skip_unreadable: bool = _f(False, "skip unreadable image files (they are listed) instead of stopping")
     val_fraction: float = _f(0.2, "share of the training set re-drawn every epoch as the augmenter's validation split")
     # classifier
     model: str = _f("resnet18", "backbone: any timm model name, or cifar_resnet18[_w16], badgan_cnn[_w32]")
@@ -77,9 +78,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build_parser(description: str = __doc__ or "") -> argparse.ArgumentParser:
+def build_parser(config_cls: type = TrainConfig, description: str = __doc__ or "") -> argparse.ArgumentParser:
+    """One ``--flag`` per dataclass field (``--no-flag`` for booleans); subclasses add their own."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         if f.type in ("bool", bool):
@@ -90,5 +92,5 @@ def build_parser(description: str = __doc__ or "") -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+def parse_config(argv: list[str] | None = None, config_cls: type = TrainConfig) -> TrainConfig:
+    return config_cls(**vars(build_parser(config_cls).parse_args(argv)))

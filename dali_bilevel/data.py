@@ -13,10 +13,19 @@ whole batches:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
+
+from pipelines import DaliLoader, TorchLoader, find_splits
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from dali_bilevel.config import TrainConfig
 
 PAD_LABEL = -1
 
@@ -75,3 +84,88 @@ def eval_list(files: Sequence[str], labels: Sequence[int], global_batch: int) ->
     """All samples in order, padded with label -1 to whole global batches."""
     pad = (-len(files)) % global_batch
     return FileList(list(files) + [files[-1]] * pad, [int(v) for v in labels] + [PAD_LABEL] * pad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data a bilevel run consumes, per process. `training_function` only talks to this protocol,
+# so other sources (e.g. histology tiles) plug in beside `FolderData`.
+# ---------------------------------------------------------------------------------------------
+
+Batch = tuple  # (images [0,1] NCHW, labels) or (images, labels, groups) for tile aggregation
+
+
+class BilevelData(Protocol):
+    classes: tuple[str, ...]
+    train_size: int  # images the classifier trains on per epoch (after the validation split)
+
+    def steps_per_epoch(self) -> int: ...
+    def train_batches(self, epoch: int) -> Iterable[Batch]: ...
+    def val_batches(self, epoch: int, n_batches: int) -> Iterator[Batch]: ...
+    def eval_splits(self, epoch: int) -> dict[str, Iterable[Batch]]: ...
+    def grid_images(self) -> torch.Tensor: ...
+
+
+class FolderData:
+    """ImageFolder data (``DIR/train``, ``DIR/val`` or ``DIR/test``) through DALI or torchvision."""
+
+    def __init__(self, cfg: TrainConfig, acc: Accelerator, val_fraction: float) -> None:
+        if cfg.batch_size % acc.num_processes:
+            raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over {acc.num_processes} processes")
+        self.cfg, self.acc, self.val_fraction = cfg, acc, val_fraction
+        self.train, self.test = find_splits(cfg.data)
+        self.classes = self.train.classes
+        self.per_proc = cfg.batch_size // acc.num_processes
+        tr0, _ = self._split(0)
+        self._steps = len(train_list(self.train.files, self.train.labels, tr0, cfg.batch_size)) // cfg.batch_size
+        if cfg.max_steps_per_epoch:
+            self._steps = min(self._steps, cfg.max_steps_per_epoch)
+        self.train_size = len(tr0)
+
+    def _split(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return split_train_val(len(self.train), self.val_fraction, self.cfg.seed, epoch)
+
+    def loader(self, flist: FileList, train: bool, seed: int, batch: int | None = None, shard: bool = True):
+        """This process's loader over a pre-arranged list (contiguous shard per process)."""
+        cfg, acc = self.cfg, self.acc
+        kw: dict[str, Any] = dict(
+            batch_size=batch or self.per_proc, image_size=cfg.image_size,
+            crop=cfg.resolved_train_crop() if train else "center", crop_pct=cfg.crop_pct,
+            shard_id=acc.process_index if shard else 0, num_shards=acc.num_processes if shard else 1, seed=seed,
+        )
+        if cfg.loader == "dali":
+            device = cfg.dali_device
+            if device == "auto":
+                device = "gpu" if acc.device.type == "cuda" else "cpu"
+            return DaliLoader(flist.files, flist.labels, device=device, device_id=acc.local_process_index,
+                              num_threads=cfg.workers, **kw)
+        return TorchLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
+
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        tr, _ = self._split(epoch)
+        n = self._steps * self.cfg.batch_size
+        flist = train_list(self.train.files, self.train.labels, tr, self.cfg.batch_size)
+        return self.loader(FileList(flist.files[:n], flist.labels[:n]), True, self.cfg.seed * 1000 + epoch)
+
+    def val_batches(self, epoch: int, n_batches: int) -> Iterator[Batch]:
+        _, va = self._split(epoch)
+        flist = stream_list(self.train.files, self.train.labels, va, n_batches * self.cfg.batch_size,
+                            epoch_rng(self.cfg.seed, epoch, 2))
+        return iter(self.loader(flist, False, self.cfg.seed * 1000 + epoch))
+
+    def eval_splits(self, epoch: int) -> dict[str, Iterable[Batch]]:
+        out: dict[str, Iterable[Batch]] = {}
+        if self.val_fraction > 0:
+            va = take(self.train.files, self.train.labels, self._split(epoch)[1])
+            out["val"] = self.loader(eval_list(va.files, va.labels, self.cfg.batch_size), False, 0)
+        out["test"] = self.loader(eval_list(self.test.files, self.test.labels, self.cfg.batch_size), False, 0)
+        return out
+
+    def grid_images(self) -> torch.Tensor:
+        """8 test images spread over the classes, for the augmentation grid (main process)."""
+        idx = [int(i) for i in np.linspace(0, len(self.test) - 1, 8)]
+        flist = take(self.test.files, self.test.labels, np.array(idx))
+        x, *_ = next(iter(self.loader(flist, False, 0, batch=len(idx), shard=False)))
+        return x

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dali_bilevel.config import TrainConfig
-from dali_bilevel.data import FileList, epoch_rng, eval_list, split_train_val, stream_list, take, train_list
+from dali_bilevel.data import BilevelData, FolderData
 from dali_bilevel.hypergrad import bilevel_step
 from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes, random_flip, random_translate
-from pipelines import DaliLoader, TorchLoader, find_splits
+from pipelines.torch_loader import pil_flavour
 
 
 class SetupError(Exception):
@@ -42,23 +42,6 @@ def setup_errors():
         yield
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
         raise SetupError(str(e)) from e
-
-
-def make_loader(cfg: TrainConfig, flist: FileList, batch: int, train: bool, acc: Accelerator,
-                seed: int, shards: bool = True) -> DaliLoader | TorchLoader:
-    """One process's loader over a pre-arranged list; contiguous shard per process."""
-    kw: dict[str, Any] = dict(
-        batch_size=batch, image_size=cfg.image_size, crop=cfg.resolved_train_crop() if train else "center",
-        crop_pct=cfg.crop_pct, shard_id=acc.process_index if shards else 0,
-        num_shards=acc.num_processes if shards else 1, seed=seed,
-    )
-    if cfg.loader == "dali":
-        device = cfg.dali_device
-        if device == "auto":
-            device = "gpu" if acc.device.type == "cuda" else "cpu"
-        return DaliLoader(flist.files, flist.labels, device=device, device_id=acc.local_process_index,
-                          num_threads=cfg.workers, **kw)
-    return TorchLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -110,21 +93,40 @@ def flat_reduce_mean(acc: Accelerator) -> Callable[[list[Tensor]], list[Tensor]]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, acc: Accelerator) -> tuple[float, int]:
-    """Accuracy over every real sample exactly once (padding has label -1)."""
+def evaluate(model: nn.Module, loader: Iterable, acc: Accelerator) -> dict[str, float]:
+    """Accuracy over every real sample exactly once (padding has label -1).
+
+    Batches of ``(x, y, group)`` (tiles of one image share a group) are also scored per group,
+    by averaging the tiles' softmax probabilities: ``group_acc``.
+    """
     model.eval()
     correct = torch.zeros((), device=acc.device)
     total = torch.zeros((), device=acc.device)
-    for x, y in loader:
-        x, y = x.to(acc.device), y.to(acc.device)
+    n_groups = getattr(loader, "num_groups", 0)
+    probs = labels = None
+    for batch in loader:
+        x, y = batch[0].to(acc.device), batch[1].to(acc.device)
         with acc.autocast():
-            pred = model(x).argmax(1)
+            logits = model(x).float()
         mask = y >= 0
-        correct += (pred[mask] == y[mask]).sum()
+        correct += (logits.argmax(1)[mask] == y[mask]).sum()
         total += mask.sum()
+        if n_groups:
+            g = batch[2].to(acc.device)[mask]
+            if probs is None:
+                probs = torch.zeros(n_groups, logits.shape[1], device=acc.device)
+                labels = torch.full((n_groups,), -1, device=acc.device, dtype=torch.long)
+            probs.index_add_(0, g, logits[mask].softmax(1))
+            labels[g] = y[mask]
     model.train()
     correct, total = acc.reduce(correct, "sum"), acc.reduce(total, "sum")
-    return (correct / total.clamp(min=1)).item() * 100, int(total.item())
+    out = {"acc": (correct / total.clamp(min=1)).item() * 100, "count": int(total.item())}
+    if probs is not None:
+        probs, labels = acc.reduce(probs, "sum"), acc.reduce(labels, "max")
+        seen = labels >= 0
+        out["group_acc"] = (probs[seen].argmax(1) == labels[seen]).float().mean().item() * 100
+        out["group_count"] = int(seen.sum().item())
+    return out
 
 
 def sync_buffers(model: nn.Module, acc: Accelerator) -> None:
@@ -142,110 +144,88 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def training_function(cfg: TrainConfig) -> dict[str, Any]:
+def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = FolderData) -> dict[str, Any]:
+    """Train ω (and θ when ``augment == 'learned'``) and return the metrics written to metrics.json."""
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
-    world = acc.num_processes
-    flip = cfg.flip if cfg.augment != "none" else "none"
     out_dir = Path(cfg.output)
+    learned = cfg.augment == "learned"
+    flip = cfg.flip if cfg.augment != "none" else "none"
 
-    # ---- data, networks and optimizers (all user errors surface here, before compute) ----
+    # ---- data, networks and optimizers: user errors surface here, before any compute ----
     with setup_errors():
-        if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
         if cfg.aug_period < 1:
             raise ValueError(f"--aug-period must be >= 1, got {cfg.aug_period}")
-        train_set, test_set = find_splits(cfg.data)
-        n_train = len(train_set)
-        learned = cfg.augment == "learned"
         # Only the learned augmenter needs a validation split; baselines train on everything.
-        val_fraction = cfg.val_fraction if learned else 0.0
-        tr_idx0, _ = split_train_val(n_train, val_fraction, cfg.seed, 0)
-        steps = len(train_list(train_set.files, train_set.labels, tr_idx0, cfg.batch_size)) // cfg.batch_size
-        if cfg.max_steps_per_epoch:
-            steps = min(steps, cfg.max_steps_per_epoch)
+        data = make_data(cfg, acc, cfg.val_fraction if learned else 0.0)
         set_seed(cfg.seed)  # identical initial weights on every process
-        model = create_backbone(cfg.model, len(train_set.classes), cfg.weights)
-        augmenter = (Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode)
-                     if learned else None)
-        if learned and cfg.model.startswith(("vit", "deit", "swin", "eva")):
-            import timm.layers  # fused SDPA has no double backward
+        model = create_backbone(cfg.model, len(data.classes), cfg.weights)
+        augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode) if learned else None
+    if learned and cfg.hypergrad == "exact":
+        import timm.layers
 
-            timm.layers.set_fused_attn(False)
-    per_proc = cfg.batch_size // world
-    total_steps = steps * cfg.epochs
-    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter, total_steps, steps)
+        timm.layers.set_fused_attn(False)  # fused SDPA has no double backward
+    steps = data.steps_per_epoch()
+    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter, steps * cfg.epochs, steps)
     model = acc.prepare(model)
     if augmenter is not None:
         augmenter.to(acc.device)
     unwrapped = acc.unwrap_model(model)
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    theta = list(augmenter.parameters()) if augmenter is not None else []
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
     reduce_mean = flat_reduce_mean(acc)
 
-    test_loader = make_loader(cfg, eval_list(test_set.files, test_set.labels, cfg.batch_size), per_proc, False,
-                              acc, cfg.seed)
-    grid_idx = [int(i) for i in torch.linspace(0, len(test_set) - 1, 8)]
-    grid_list = take(test_set.files, test_set.labels, grid_idx)
-
-    def augment_for_grid(x: Tensor) -> Tensor:
+    def augment(x: Tensor) -> Tensor:
+        """The train-time augmentation outside the graph (flips first, as in the paper)."""
         x = random_flip(x, flip)
         if augmenter is not None:
             return augmenter(x)
-        return random_translate(x, cfg.translate_px)
+        return random_translate(x, cfg.translate_px) if cfg.augment == "predefined" else x
 
-    metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": world, "device": str(acc.device),
-                               "train_images": n_train, "test_images": len(test_set), "epochs": []}
+    metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
+                               "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
+                               "epochs": []}
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        acc.print(f"{n_train} train / {len(test_set)} test images, {len(train_set.classes)} classes; "
-                  f"{steps} steps/epoch of {cfg.batch_size} on {world} process(es), device {acc.device}")
+        acc.print(f"{data.train_size} train images, {len(data.classes)} classes; {steps} steps/epoch of "
+                  f"{cfg.batch_size} on {acc.num_processes} process(es), device {acc.device}")
     t_run = time.perf_counter()
-    params = [p for p in unwrapped.parameters() if p.requires_grad]
-    theta = list(augmenter.parameters()) if augmenter is not None else []
 
     for epoch in range(cfg.epochs):
-        # ---- the epoch's fresh train/validation split ----
-        tr_idx, va_idx = split_train_val(n_train, val_fraction, cfg.seed, epoch)
-        tr_list = train_list(train_set.files, train_set.labels, tr_idx, cfg.batch_size)
-        tr_list = FileList(tr_list.files[: steps * cfg.batch_size], tr_list.labels[: steps * cfg.batch_size])
-        train_loader = make_loader(cfg, tr_list, per_proc, True, acc, cfg.seed * 1000 + epoch)
-        val_iter = iter(())
-        if learned:
-            n_updates = -(-steps // cfg.aug_period)
-            va_list = stream_list(train_set.files, train_set.labels, va_idx, n_updates * cfg.batch_size,
-                                  epoch_rng(cfg.seed, epoch, 2))
-            val_iter = iter(make_loader(cfg, va_list, per_proc, False, acc, cfg.seed * 1000 + epoch))
-
+        train_iter = data.train_batches(epoch)
+        val_iter = data.val_batches(epoch, -(-steps // cfg.aug_period)) if learned else iter(())
         model.train()
         sums = {"train_loss": 0.0, "val_loss": 0.0, "updates": 0, "skipped": 0}
         wait = compute = 0.0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (acc.is_main_process
-                   and cfg.progress), dynamic_ncols=True, leave=False)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.progress))
         t_epoch = t0 = time.perf_counter()
-        for step, (x, y) in enumerate(train_loader):
+        for step, (x, y, *_) in enumerate(train_iter):
             x, y = random_flip(x.to(acc.device), flip), y.to(acc.device)
             t1 = time.perf_counter()
             wait += t1 - t0
             if learned and step % cfg.aug_period == 0:
-                xv, yv = next(val_iter)
+                # Eq. 3-8: θ follows the validation loss through the look-ahead of this very step.
+                xv, yv, *_ = next(val_iter)
                 out = bilevel_step(unwrapped, augmenter, opt, x, y, xv.to(acc.device), yv.to(acc.device),
                                    mode=cfg.hypergrad, reduce_mean=reduce_mean, autocast=acc.autocast)
                 for p, g in zip(params, out.classifier_grads, strict=True):
-                    p.grad = g
+                    p.grad = g  # the real step reuses the train gradient: no extra backward
                 if all(torch.isfinite(h).all() for h in out.augmenter_grads):
                     for t, h in zip(theta, out.augmenter_grads, strict=True):
                         t.grad = h
                     aug_opt.step()
                     sums["updates"] += 1
-                else:
+                else:  # never let a non-finite hypergradient reach θ
                     sums["skipped"] += 1
                 aug_opt.zero_grad(set_to_none=True)
-                loss, sums["val_loss"] = out.train_loss, sums["val_loss"] + out.val_loss.item()
+                loss = out.train_loss
+                sums["val_loss"] += out.val_loss.item()
             else:
                 with torch.no_grad():
-                    x = augmenter(x) if learned else random_translate(x, cfg.translate_px) \
-                        if cfg.augment == "predefined" else x
+                    x = augmenter(x) if learned else augment_predefined(x, cfg)
                 with acc.autocast():
                     loss = F.cross_entropy(model(x), y)
                 acc.backward(loss)
@@ -260,44 +240,51 @@ def training_function(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
         epoch_time = time.perf_counter() - t_epoch
 
-        # ---- evaluate and log (test only reported, never used for choices) ----
+        # ---- evaluate and log: the test split is only reported, never used for choices ----
         sync_buffers(unwrapped, acc)
-        val_acc = None
-        if val_fraction > 0:
-            va_eval = take(train_set.files, train_set.labels, va_idx)
-            va_eval = eval_list(va_eval.files, va_eval.labels, cfg.batch_size)
-            val_acc, _ = evaluate(unwrapped, make_loader(cfg, va_eval, per_proc, False, acc, 0), acc)
-        test_acc, n_test = evaluate(unwrapped, test_loader, acc)
+        scores = {name: evaluate(unwrapped, loader, acc) for name, loader in data.eval_splits(epoch).items()}
         train_loss = acc.reduce(torch.tensor(sums["train_loss"] / max(1, steps), device=acc.device), "mean").item()
         row: dict[str, Any] = {
-            "epoch": epoch + 1, "train_loss": train_loss, "val_acc": val_acc, "test_acc": test_acc,
-            "test_count": n_test, "images_per_s": steps * cfg.batch_size / epoch_time,
-            "step_time_s": compute / max(1, steps), "data_wait_frac": wait / max(epoch_time, 1e-9),
-            "lr": sched.get_last_lr()[0], "epoch_time_s": epoch_time,
+            "epoch": epoch + 1, "train_loss": train_loss,
+            "val_acc": scores["val"]["acc"] if "val" in scores else None,
+            "test_acc": scores["test"]["acc"], "test_count": scores["test"]["count"],
+            "images_per_s": steps * cfg.batch_size / epoch_time, "step_time_s": compute / max(1, steps),
+            "data_wait_frac": wait / max(epoch_time, 1e-9), "epoch_time_s": epoch_time, "lr": sched.get_last_lr()[0],
         }
+        for name, sc in scores.items():
+            if "group_acc" in sc:
+                row[f"{name}_image_acc"] = sc["group_acc"]
         if learned:
             row["aug_val_loss"] = sums["val_loss"] / max(1, sums["updates"] + sums["skipped"])
             row["aug_updates"], row["aug_skipped_nonfinite"] = sums["updates"], sums["skipped"]
             with torch.no_grad():
                 row["aug_magnitudes"] = magnitudes(augmenter.sample_params(256), cfg.image_size)
         metrics["epochs"].append(row)
-        metrics["test_acc"] = test_acc
+        metrics["test_acc"] = row["test_acc"]
         metrics["wall_time_s"] = time.perf_counter() - t_run
         if acc.is_main_process:
-            msg = (f"epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.3f}"
-                   + (f", val acc {val_acc:.1f}" if val_acc is not None else "")
-                   + f", test acc {test_acc:.1f}, {row['images_per_s']:.0f} img/s")
-            if learned:
-                mag = row["aug_magnitudes"]
-                msg += f", |A-I| {mag.get('affine_abs_dev', 0):.3f}, shift {mag.get('translation_px', 0):.2f}px"
-            acc.print(msg)
+            acc.print(epoch_summary(row, cfg.epochs))
             if cfg.grid_every and cfg.augment != "none" and (epoch + 1) % cfg.grid_every == 0:
-                gx, _ = next(iter(make_loader(cfg, grid_list, len(grid_list), False, acc, 0, shards=False)))
-                save_grid(augmentation_grid(gx.to(acc.device), augment_for_grid),
-                          out_dir / f"augmentations_epoch{epoch + 1:03d}.png")
+                grid = augmentation_grid(data.grid_images().to(acc.device), augment)
+                save_grid(grid, out_dir / f"augmentations_epoch{epoch + 1:03d}.png")
             write_json(out_dir / "metrics.json", metrics)
     acc.wait_for_everyone()
     if augmenter is not None and acc.is_main_process:
         torch.save(augmenter.state_dict(), out_dir / "augmenter.pt")
     acc.end_training()
     return metrics
+
+
+def augment_predefined(x: Tensor, cfg: TrainConfig) -> Tensor:
+    return random_translate(x, cfg.translate_px) if cfg.augment == "predefined" else x
+
+
+def epoch_summary(row: dict[str, Any], epochs: int) -> str:
+    msg = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}"
+    if row["val_acc"] is not None:
+        msg += f", val acc {row['val_acc']:.1f}"
+    msg += f", test acc {row['test_acc']:.1f}, {row['images_per_s']:.0f} img/s"
+    if "aug_magnitudes" in row:
+        mag = row["aug_magnitudes"]
+        msg += f", |A-I| {mag.get('affine_abs_dev', 0):.3f}, shift {mag.get('translation_px', 0):.2f}px"
+    return msg
