@@ -45,7 +45,9 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "classifier weight decay")
     schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "onecycle", "constant"))
     warmup_epochs: float = _f(0.0, "linear warm-up epochs for the cosine schedule")
-    mixed_precision: str = _f("no", "autocast precision", choices=("no", "bf16"))
+    mixed_precision: str = _f("no", "autocast precision (fp16 needs a GPU and uses dynamic loss scaling)",
+                              choices=("no", "bf16", "fp16"))
+    channels_last: bool = _f(True, "channels-last memory format for the classifier and its inputs")
     # augmentation
     augment: str = _f("learned", "augmentation", choices=AUGMENT_MODES)
     transforms: str = _f("affine,color", "learned transform families: translation, affine, color")
@@ -59,9 +61,11 @@ class TrainConfig:
     aug_weight_decay: float = _f(0.0, "augmenter weight decay")
     center_hidden: bool = _f(True, "centre the augmenter's last hidden features over the batch")
     padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
-    hypergrad: str = _f("exact", "hypergradient: exact double backward or finite difference",
+    hypergrad: str = _f("exact", "hypergradient: exact double backward (switches to finite difference, with a "
+                        "warning, if the model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))
     aug_period: int = _f(1, "J: update the augmenter every J classifier steps")
+    unroll: int = _f(1, "K: unrolled classifier steps the hypergradient looks through (K <= J)")
     # run
     seed: int = _f(0, "random seed")
     cpu: bool = _f(False, "force CPU even when CUDA is available")

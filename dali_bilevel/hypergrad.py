@@ -1,25 +1,29 @@
-r"""The online bilevel hypergradient (Mounsaveng et al., WACV 2021, Eq. 3-8, with K = J = 1).
+r"""The online bilevel hypergradient (Mounsaveng et al., WACV 2021, Eq. 3-8).
 
-The classifier ω is trained on augmented images A_θ(x_tr); the augmenter θ is trained so that
-one real SGD step of ω lowers the loss on an *unaugmented* validation batch:
+The classifier ω is trained on augmented images A_θ(x); the augmenter θ is trained so that the
+real SGD steps of ω lower the loss on an *unaugmented* validation batch:
 
-    (3)  L_tr(θ, ω)  = L(f_ω(A_θ(x_tr)), y_tr)
-    (4)  g(θ)        = ∇_ω L_tr(θ, ω)
-    (5)  ω'(θ)       = ω − η · D(g(θ))                  the optimizer's own step: lr, momentum, wd
-    (6)  L_val(θ)    = L(f_ω'(θ)(x_val), y_val)
-    (7)  ∇_θ L_val   = (∂ω'/∂g · ∂g/∂θ)ᵀ ∇_ω' L_val = (∂g/∂θ)ᵀ u,   u = c ⊙ ∇_ω' L_val
-    (8)  θ ← θ − β ∇_θ L_val
+    (3)  L_tr^k(θ, ω)  = L(f_ω(A_θ(x_k)), y_k)                          train loss of step k
+    (4)  g_k           = ∇_ω L_tr^k(θ, ω_k)                             its gradient, a function of θ
+    (5)  ω_{k+1}       = ω_k − η_k · D(g_k, ω_k, b_k)                   the optimizer's own step: lr,
+                                                                         momentum buffer b, weight decay
+    (6)  L_val(θ)      = L(f_{ω_K(θ)}(x_val), y_val)                    after K unrolled steps
+    (7)  ∇_θ L_val     = Σ_k (∂g_k/∂θ)ᵀ λ_k,   λ_k = (∂ω_K/∂g_k)ᵀ ∇_{ω_K} L_val
+    (8)  θ ← θ − β ∇_θ L_val                                             every J classifier steps
 
-For SGD (momentum μ, dampening τ, weight decay, optionally Nesterov) ω' is affine in g, so
-∂ω'/∂g is a scalar c per tensor (c = −η, −η(1−τ) or −η(1+μ(1−τ))). That turns Eq. 7 into one
-vector-Jacobian product, which is what lets the look-ahead use the *global* gradient under
-data parallelism: every process all-reduces g (as DDP would), builds the same ω', all-reduces
-the validation gradient, and takes its local VJP, whose mean over processes is exact.
+With K = J = 1 this is the paper's one-step look-ahead ω' = ω − η ∇_ω L(A_θ(x_tr), ω).
 
-Two ways to form (∂g/∂θ)ᵀ u:
-  * ``exact``: double backward through the train gradient (``create_graph=True``);
-  * ``finite_difference``: DARTS' central difference
-    [∇_θ L_tr(θ, ω + εu) − ∇_θ L_tr(θ, ω − εu)] / 2ε, with no double backward.
+Eq. 7 is evaluated in reverse mode. SGD (momentum μ, dampening τ, weight decay λ_wd, optionally
+Nesterov) is affine in g and in (ω, b), so the adjoints of its state are scalar multiples per
+tensor, plus one Hessian-vector product per earlier step for the curvature term ∂g_k/∂ω_k. Every
+product is a local vector-Jacobian product of this process's g_k, so under data parallelism each
+process all-reduces g (as DDP would), the validation gradient and the Hessian-vector products, and
+the mean of the local θ-gradients is exact.
+
+Two ways to form the products (∂g_k/∂θ)ᵀ λ and (∂g_k/∂ω)ᵀ λ:
+  * ``exact``: double backward through g_k (``create_graph=True``);
+  * ``finite_difference``: DARTS' central difference of ∇_{θ,ω} L_tr^k at ω_k ± ε λ: two extra
+    gradient evaluations, no double backward (works with fused attention kernels).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 ReduceMean = Callable[[list[Tensor]], list[Tensor]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 MODES = ("exact", "finite_difference")
 
 
@@ -42,15 +48,62 @@ def no_reduce(tensors: list[Tensor]) -> list[Tensor]:
     return tensors
 
 
+class NoDoubleBackward(RuntimeError):
+    """The classifier uses an op whose backward is not differentiable (e.g. fused SDPA)."""
+
+
+class SGDCoef(NamedTuple):
+    """One tensor's SGD hyper-parameters at one step; `first` means no momentum buffer yet."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    first: bool
+
+
+@dataclass
+class StepRecord:
+    """What the hypergradient needs to revisit one classifier step k."""
+
+    x: Tensor
+    y: Tensor
+    noise: Tensor
+    weights: list[Tensor]  # ω_k, detached leaves (the real parameters move on in place)
+    grads: list[Tensor] | None  # g_k with its graph to θ and ω_k (exact mode only)
+    coefs: list[SGDCoef]
+
+
 @dataclass
 class BilevelGrads:
-    """What one bilevel step produces; the caller applies both optimizer steps."""
+    """What one K = 1 bilevel step produces; the caller applies both optimizer steps."""
 
     train_loss: Tensor  # local L_tr, detached
     val_loss: Tensor  # local L_val at ω', detached
     classifier_grads: list[Tensor]  # process-averaged g: the real step's gradient
     augmenter_grads: list[Tensor]  # process-averaged ∇_θ L_val
     lookahead: list[Tensor]  # ω', equal to the parameters after the real optimizer step
+
+
+def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def sgd_coefs(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[SGDCoef]:
+    """Read the classifier optimizer's real state for the step about to be taken."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(f"the look-ahead needs torch.optim.SGD for the classifier, got {type(optimizer).__name__}")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        g = group_of[id(p)]
+        if g.get("maximize", False):
+            raise ValueError("the look-ahead does not support SGD(maximize=True)")
+        first = optimizer.state.get(p, {}).get("momentum_buffer") is None
+        out.append(SGDCoef(float(g["lr"]), g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], first))
+    return out
 
 
 def sgd_lookahead(
@@ -61,37 +114,149 @@ def sgd_lookahead(
     Reads the optimizer's real state (learning rate, momentum buffer, weight decay), so the
     look-ahead matches the classifier's actual trajectory. Computed without autograd.
     """
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise TypeError(f"the look-ahead needs torch.optim.SGD for the classifier, got {type(optimizer).__name__}")
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    new, coefs = [], []
+    new, dw_dg = [], []
     with torch.no_grad():
-        for p, g in zip(params, grads, strict=True):
-            grp = group_of[id(p)]
-            if grp.get("maximize", False):
-                raise ValueError("the look-ahead does not support SGD(maximize=True)")
-            lr, mu, tau, wd = grp["lr"], grp["momentum"], grp["dampening"], grp["weight_decay"]
-            d = g + wd * p if wd else g
+        for p, g, c in zip(params, grads, sgd_coefs(optimizer, params), strict=True):
+            d = g + c.weight_decay * p if c.weight_decay else g
             k = 1.0
-            if mu:
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is None:
-                    buf_new, kb = d, 1.0  # torch initialises the buffer with the undampened step
-                else:
-                    buf_new, kb = mu * buf + (1 - tau) * d, 1 - tau
-                d, k = (d + mu * buf_new, 1 + mu * kb) if grp["nesterov"] else (buf_new, kb)
-            new.append(p - lr * d)
-            coefs.append(-lr * k)
-    return new, coefs
+            if c.momentum:
+                buf = optimizer.state[p]["momentum_buffer"] if not c.first else None
+                kb = 1.0 if c.first else 1 - c.dampening  # torch starts the buffer undampened
+                buf_new = d if c.first else c.momentum * buf + (1 - c.dampening) * d
+                d, k = (d + c.momentum * buf_new, 1 + c.momentum * kb) if c.nesterov else (buf_new, kb)
+            new.append(p - c.lr * d)
+            dw_dg.append(-c.lr * k)
+    return new, dw_dg
 
 
-def _forward_loss(
-    model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
-    """A forward at given weights whose BatchNorm statistic updates land on throwaway copies."""
-    scratch = {k: b.clone() for k, b in buffers.items()}
-    return loss_fn(functional_call(model, {**params, **scratch}, (x,)), y)
+def _loss_at(model: nn.Module, names: list[str], weights: Sequence[Tensor], buffers: dict[str, Tensor],
+             x: Tensor, y: Tensor, loss_fn: LossFn, scratch: bool) -> Tensor:
+    """Loss at given weights; with ``scratch`` BatchNorm statistic updates land on throwaway copies."""
+    bufs = {k: b.clone() for k, b in buffers.items()} if scratch else buffers
+    return loss_fn(functional_call(model, {**dict(zip(names, weights, strict=True)), **bufs}, (x,)), y)
+
+
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+
+
+def train_gradient(
+    model: nn.Module,
+    augmenter: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    noise: Tensor | None = None,
+    mode: str = "exact",
+    reduce_mean: ReduceMean = no_reduce,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    loss_fn: LossFn = F.cross_entropy,
+    loss_scale: float = 1.0,
+) -> tuple[StepRecord, Tensor, list[Tensor]]:
+    """Eq. 3-4 for the real train step k: returns its record, the local loss and the averaged g.
+
+    This forward is the real one: it updates BatchNorm running statistics, once. ``x`` is already
+    flipped (predefined, outside the graph). ``loss_scale`` multiplies the loss before the
+    backward (fp16) and is divided out of g inside the graph.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--hypergrad: unknown mode {mode!r}; choose {', '.join(MODES)}")
+    names, params = trainable(model)
+    buffers = dict(model.named_buffers())
+    noise = augmenter.sample_noise(x.shape[0]) if noise is None else noise
+    coefs = sgd_coefs(optimizer, params)
+    weights = [p.detach().clone().requires_grad_(True) for p in params]
+    with autocast():
+        loss = _loss_at(model, names, weights, buffers, augmenter(x, noise), y, loss_fn, scratch=False)
+    exact = mode == "exact"
+    g = torch.autograd.grad(loss * loss_scale, weights, create_graph=exact, allow_unused=True)
+    g = [gi / loss_scale for gi in _zeros_for_none(g, weights)]
+    g_bar = reduce_mean([gi.detach() for gi in g])
+    return StepRecord(x, y, noise, weights, g if exact else None, coefs), loss.detach(), g_bar
+
+
+def _products(model: nn.Module, augmenter: nn.Module, rec: StepRecord, lam: list[Tensor], want_hvp: bool, *,
+              mode: str, autocast: Callable[[], AbstractContextManager], loss_fn: LossFn, fd_eps: float,
+              loss_scale: float) -> tuple[list[Tensor], list[Tensor] | None]:
+    """(∂g_k/∂θ)ᵀ λ and, if wanted, (∂g_k/∂ω_k)ᵀ λ, by double backward or central difference."""
+    names, _ = trainable(model)
+    theta = [p for p in augmenter.parameters() if p.requires_grad]
+    wrt = theta + (rec.weights if want_hvp else [])
+    if mode == "exact":
+        try:
+            out = torch.autograd.grad(rec.grads, wrt, grad_outputs=lam, allow_unused=True)
+        except RuntimeError as e:
+            if "double backward" in str(e) or "not implemented" in str(e) or "does not require grad" in str(e):
+                raise NoDoubleBackward(str(e).splitlines()[0]) from e
+            raise
+        out = _zeros_for_none(out, wrt)
+    else:
+        buffers = dict(model.named_buffers())
+        eps = fd_eps / (torch.sqrt(sum((li.float() ** 2).sum() for li in lam)) + 1e-12)
+        sides = []
+        for sign in (1.0, -1.0):
+            w = [(wk + sign * eps * li).detach().requires_grad_(want_hvp) for wk, li in zip(rec.weights, lam,
+                                                                                              strict=True)]
+            with autocast():
+                loss = _loss_at(model, names, w, buffers, augmenter(rec.x, rec.noise), rec.y, loss_fn, scratch=True)
+            grads = torch.autograd.grad(loss * loss_scale, theta + (w if want_hvp else []), allow_unused=True)
+            sides.append(_zeros_for_none(grads, theta + (w if want_hvp else [])))
+        out = [(a - b) / (2 * eps * loss_scale) for a, b in zip(*sides, strict=True)]
+    return out[: len(theta)], (out[len(theta) :] if want_hvp else None)
+
+
+def hypergradient(
+    model: nn.Module,
+    augmenter: nn.Module,
+    trace: Sequence[StepRecord],
+    final_weights: Sequence[Tensor],
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    mode: str = "exact",
+    reduce_mean: ReduceMean = no_reduce,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    loss_fn: LossFn = F.cross_entropy,
+    fd_eps: float = 0.01,
+    loss_scale: float = 1.0,
+) -> tuple[Tensor, list[Tensor]]:
+    """Eq. 6-7: the validation loss at ω_K and its process-averaged gradient with respect to θ.
+
+    ``trace`` holds the K recorded steps ω_0 → ω_K in order; ``final_weights`` is ω_K (the
+    look-ahead, or the real parameters after the K real steps). Pure: writes no ``.grad``.
+    """
+    names, _ = trainable(model)
+    buffers = dict(model.named_buffers())
+    w_final = [w.detach().requires_grad_(True) for w in final_weights]
+    with autocast():
+        val_loss = _loss_at(model, names, w_final, buffers, x_val, y_val, loss_fn, scratch=True)
+    v = torch.autograd.grad(val_loss * loss_scale, w_final, allow_unused=True)
+    lam_w = reduce_mean([vi / loss_scale for vi in _zeros_for_none(v, w_final)])  # adjoint of ω_K
+    lam_b = [torch.zeros_like(w) for w in lam_w]  # adjoint of the momentum buffer b_K (unused by L_val)
+    theta_grad: list[Tensor] | None = None
+    for k in range(len(trace) - 1, -1, -1):
+        rec = trace[k]
+        # Adjoint of one SGD step: ω' = ω − lr·s,  s = d + μb' (Nesterov) or b',  b' = μb + (1−τ)d,  d = g + wd·ω.
+        lam_d, lam_b_prev = [], []
+        for lw, lb, c in zip(lam_w, lam_b, rec.coefs, strict=True):
+            ls = -c.lr * lw
+            if c.momentum:
+                lb_total = lb + (c.momentum * ls if c.nesterov else ls)
+                ld = (ls if c.nesterov else 0) + (1.0 if c.first else 1 - c.dampening) * lb_total
+                lam_b_prev.append(torch.zeros_like(lb) if c.first else c.momentum * lb_total)
+            else:
+                ld = ls
+                lam_b_prev.append(torch.zeros_like(lb))
+            lam_d.append(ld)
+        th, hvp = _products(model, augmenter, rec, lam_d, want_hvp=k > 0, mode=mode, autocast=autocast,
+                            loss_fn=loss_fn, fd_eps=fd_eps, loss_scale=loss_scale)
+        theta_grad = th if theta_grad is None else [a + b for a, b in zip(theta_grad, th, strict=True)]
+        if k > 0:
+            hvp = reduce_mean(hvp)
+            lam_w = [lw + c.weight_decay * ld + h for lw, ld, h, c in zip(lam_w, lam_d, hvp, rec.coefs, strict=True)]
+            lam_b = lam_b_prev
+    return val_loss.detach(), reduce_mean(theta_grad)
 
 
 def bilevel_step(
@@ -107,59 +272,18 @@ def bilevel_step(
     mode: str = "exact",
     reduce_mean: ReduceMean = no_reduce,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    loss_fn: LossFn = F.cross_entropy,
     fd_eps: float = 0.01,
 ) -> BilevelGrads:
-    """Eq. 3-7 for one train batch and one validation batch. Pure: writes no ``.grad``.
+    """The paper's K = J = 1 step, pure: look-ahead ω' from the real optimizer state, then Eq. 7.
 
-    ``model`` must be the unwrapped classifier (not DDP) in train mode; its BatchNorm
-    statistics are updated once, by the real train forward, and never by the look-ahead.
-    ``x_tr`` is already flipped (predefined, outside the graph); ``x_val`` is unaugmented.
+    ``model`` is the unwrapped classifier (not DDP) in train mode; ``x_val`` is unaugmented.
+    The caller's real step with ``classifier_grads`` lands exactly on ``lookahead``.
     """
-    if mode not in MODES:
-        raise ValueError(f"--hypergrad: unknown mode {mode!r}; choose {', '.join(MODES)}")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    theta = [p for p in augmenter.parameters() if p.requires_grad]
-    buffers = dict(model.named_buffers())
-    if noise is None:
-        noise = augmenter.sample_noise(x_tr.shape[0])
-    exact = mode == "exact"
-
-    # Eq. 3-4: the real train forward (BatchNorm statistics update here, once).
-    with autocast():
-        loss_tr = loss_fn(model(augmenter(x_tr, noise)), y_tr)
-    g_local = torch.autograd.grad(loss_tr, params, create_graph=exact, allow_unused=True)
-    g_local = [torch.zeros_like(p) if g is None else g for g, p in zip(g_local, params, strict=True)]
-    g_bar = reduce_mean([g.detach() for g in g_local])
-
-    # Eq. 5: the look-ahead ω' from the process-averaged gradient and the real optimizer state.
-    lookahead, coefs = sgd_lookahead(optimizer, params, g_bar)
-
-    # Eq. 6: validation gradient at ω' (first order only).
-    w1 = [w.detach().requires_grad_(True) for w in lookahead]
-    with autocast():
-        loss_val = _forward_loss(model, dict(zip(names, w1, strict=True)), buffers, x_val, y_val, loss_fn)
-    v = reduce_mean(list(torch.autograd.grad(loss_val, w1, allow_unused=True)))
-    u = [c * (torch.zeros_like(w) if vi is None else vi) for c, vi, w in zip(coefs, v, w1, strict=True)]
-
-    # Eq. 7: (∂g/∂θ)ᵀ u, by double backward or by a central difference of ∇_θ L_tr.
-    if exact:
-        h = torch.autograd.grad(g_local, theta, grad_outputs=u, allow_unused=True)
-    else:
-        eps = fd_eps / (torch.sqrt(sum((ui.float() ** 2).sum() for ui in u)) + 1e-12)
-        grads = []
-        for sign in (1.0, -1.0):
-            shifted = {n: (p + sign * eps * ui).detach() for n, p, ui in zip(names, params, u, strict=True)}
-            with autocast():
-                loss = _forward_loss(model, shifted, buffers, augmenter(x_tr, noise), y_tr, loss_fn)
-            grads.append(torch.autograd.grad(loss, theta, allow_unused=True))
-        h = [None if a is None else (a - b) / (2 * eps) for a, b in zip(*grads, strict=True)]
-    h = [torch.zeros_like(t) if hi is None else hi for hi, t in zip(h, theta, strict=True)]
-    return BilevelGrads(
-        train_loss=loss_tr.detach(),
-        val_loss=loss_val.detach(),
-        classifier_grads=g_bar,
-        augmenter_grads=reduce_mean(list(h)),
-        lookahead=lookahead,
-    )
+    rec, loss, g_bar = train_gradient(model, augmenter, optimizer, x_tr, y_tr, noise=noise, mode=mode,
+                                      reduce_mean=reduce_mean, autocast=autocast, loss_fn=loss_fn)
+    _, params = trainable(model)
+    lookahead, _ = sgd_lookahead(optimizer, params, g_bar)
+    val_loss, theta_grad = hypergradient(model, augmenter, [rec], lookahead, x_val, y_val, mode=mode,
+                                         reduce_mean=reduce_mean, autocast=autocast, loss_fn=loss_fn, fd_eps=fd_eps)
+    return BilevelGrads(loss, val_loss, g_bar, theta_grad, lookahead)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import BilevelData, FolderData
-from dali_bilevel.hypergrad import bilevel_step
+from dali_bilevel.hypergrad import NoDoubleBackward, StepRecord, hypergradient, train_gradient
 from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes, random_flip, random_translate
 from pipelines.torch_loader import pil_flavour
@@ -144,19 +144,54 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class LossScaler:
+    """Dynamic loss scale for fp16 (1.0 otherwise): back off on overflow, grow after a clean run.
+
+    Our own rather than torch's GradScaler because the bilevel step scales inside
+    ``create_graph`` backwards and divides the scale out of g before the look-ahead.
+    """
+
+    def __init__(self, enabled: bool, init: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale, self.good = (init if enabled else 1.0), 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good = max(self.scale / 2, 1.0), 0
+        else:
+            self.good += 1
+            if self.good % self.growth_interval == 0:
+                self.scale *= 2
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.good = float(state["scale"]), int(state["good"])
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = FolderData) -> dict[str, Any]:
     """Train ω (and θ when ``augment == 'learned'``) and return the metrics written to metrics.json."""
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        raise SetupError("--mixed-precision fp16: fp16 autocast does nothing on the CPU; use bf16")
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     out_dir = Path(cfg.output)
     learned = cfg.augment == "learned"
     flip = cfg.flip if cfg.augment != "none" else "none"
+    J, K = cfg.aug_period, cfg.unroll
 
     # ---- data, networks and optimizers: user errors surface here, before any compute ----
     with setup_errors():
-        if cfg.aug_period < 1:
-            raise ValueError(f"--aug-period must be >= 1, got {cfg.aug_period}")
+        if J < 1 or not 1 <= K <= J:
+            raise ValueError(f"--aug-period J={J} and --unroll K={K} need 1 <= K <= J")
         # Only the learned augmenter needs a validation split; baselines train on everything.
         data = make_data(cfg, acc, cfg.val_fraction if learned else 0.0)
         set_seed(cfg.seed)  # identical initial weights on every process
@@ -166,6 +201,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         import timm.layers
 
         timm.layers.set_fused_attn(False)  # fused SDPA has no double backward
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     steps = data.steps_per_epoch()
     opt, sched, aug_opt = build_optimizers(cfg, model, augmenter, steps * cfg.epochs, steps)
     model = acc.prepare(model)
@@ -176,13 +213,13 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     theta = list(augmenter.parameters()) if augmenter is not None else []
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
     reduce_mean = flat_reduce_mean(acc)
+    scaler = LossScaler(cfg.mixed_precision == "fp16")
+    mode = cfg.hypergrad
+    hyper_kw: dict[str, Any] = dict(reduce_mean=reduce_mean, autocast=acc.autocast)
 
     def augment(x: Tensor) -> Tensor:
-        """The train-time augmentation outside the graph (flips first, as in the paper)."""
-        x = random_flip(x, flip)
-        if augmenter is not None:
-            return augmenter(x)
-        return random_translate(x, cfg.translate_px) if cfg.augment == "predefined" else x
+        """The train-time augmentation, for the grid (flips first, as in the paper)."""
+        return augment_no_flip(random_flip(x, flip), augmenter, cfg)
 
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
                                "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
@@ -195,43 +232,70 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
 
     for epoch in range(cfg.epochs):
         train_iter = data.train_batches(epoch)
-        val_iter = data.val_batches(epoch, -(-steps // cfg.aug_period)) if learned else iter(())
+        val_iter = data.val_batches(epoch, steps // J) if learned else iter(())
         model.train()
-        sums = {"train_loss": 0.0, "val_loss": 0.0, "updates": 0, "skipped": 0}
+        sums = {"train_loss": 0.0, "val_loss": 0.0, "updates": 0, "skipped": 0, "skipped_steps": 0}
+        trace: list[StepRecord] = []
         wait = compute = 0.0
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.progress))
         t_epoch = t0 = time.perf_counter()
         for step, (x, y, *_) in enumerate(train_iter):
-            x, y = random_flip(x.to(acc.device), flip), y.to(acc.device)
+            x = random_flip(x.to(acc.device), flip).contiguous(memory_format=memory_format)
+            y = y.to(acc.device)
             t1 = time.perf_counter()
             wait += t1 - t0
-            if learned and step % cfg.aug_period == 0:
-                # Eq. 3-8: θ follows the validation loss through the look-ahead of this very step.
+            if learned and step % J >= J - K:
+                # One of the K steps the hypergradient unrolls (Eq. 3-5): keep what Eq. 7 revisits.
+                rec, loss, grads = train_gradient(unwrapped, augmenter, opt, x, y, mode=mode,
+                                                  loss_scale=scaler.scale, **hyper_kw)
+                trace.append(rec)
+                finite = all_finite(grads)
+                if finite:
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = g  # the real step reuses the train gradient: no extra backward
+            else:
+                with torch.no_grad():
+                    x = augment_no_flip(x, augmenter, cfg)
+                with acc.autocast():
+                    loss = F.cross_entropy(model(x), y)
+                acc.backward(loss * scaler.scale)
+                if scaler.enabled:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad /= scaler.scale
+                finite = all_finite(p.grad for p in params if p.grad is not None)
+            if finite:
+                opt.step()
+            else:  # an fp16 overflow: skip the step, back off the scale, drop the unroll
+                sums["skipped_steps"] += 1
+                trace = []
+            scaler.update(finite)
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if learned and step % J == J - 1 and trace:
+                # Eq. 6-8: θ follows the validation loss at the weights the K real steps reached.
                 xv, yv, *_ = next(val_iter)
-                out = bilevel_step(unwrapped, augmenter, opt, x, y, xv.to(acc.device), yv.to(acc.device),
-                                   mode=cfg.hypergrad, reduce_mean=reduce_mean, autocast=acc.autocast)
-                for p, g in zip(params, out.classifier_grads, strict=True):
-                    p.grad = g  # the real step reuses the train gradient: no extra backward
-                if all(torch.isfinite(h).all() for h in out.augmenter_grads):
-                    for t, h in zip(theta, out.augmenter_grads, strict=True):
-                        t.grad = h
+                xv = xv.to(acc.device).contiguous(memory_format=memory_format)
+                try:
+                    val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
+                                                mode=mode, loss_scale=scaler.scale, **hyper_kw)
+                except NoDoubleBackward as e:
+                    acc.print(f"warning: exact hypergradient impossible ({e}); switching to --hypergrad "
+                              "finite_difference for the rest of the run")
+                    mode = metrics["hypergrad_switched_to"] = "finite_difference"
+                    val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
+                                                mode=mode, loss_scale=scaler.scale, **hyper_kw)
+                trace = []
+                if all_finite(h):
+                    for t, hi in zip(theta, h, strict=True):
+                        t.grad = hi
                     aug_opt.step()
                     sums["updates"] += 1
                 else:  # never let a non-finite hypergradient reach θ
                     sums["skipped"] += 1
                 aug_opt.zero_grad(set_to_none=True)
-                loss = out.train_loss
-                sums["val_loss"] += out.val_loss.item()
-            else:
-                with torch.no_grad():
-                    x = augmenter(x) if learned else augment_predefined(x, cfg)
-                with acc.autocast():
-                    loss = F.cross_entropy(model(x), y)
-                acc.backward(loss)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+                sums["val_loss"] += val_loss.item()
             sums["train_loss"] += loss.item()
             t0 = time.perf_counter()
             compute += t0 - t1
@@ -259,6 +323,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
             row["aug_updates"], row["aug_skipped_nonfinite"] = sums["updates"], sums["skipped"]
             with torch.no_grad():
                 row["aug_magnitudes"] = magnitudes(augmenter.sample_params(256), cfg.image_size)
+        row["skipped_steps_nonfinite"] = sums["skipped_steps"]
+        row["loss_scale"] = scaler.scale
         metrics["epochs"].append(row)
         metrics["test_acc"] = row["test_acc"]
         metrics["wall_time_s"] = time.perf_counter() - t_run
@@ -275,7 +341,10 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     return metrics
 
 
-def augment_predefined(x: Tensor, cfg: TrainConfig) -> Tensor:
+def augment_no_flip(x: Tensor, augmenter: nn.Module | None, cfg: TrainConfig) -> Tensor:
+    """The augmentation of a plain (non-unrolled) step; flips were already applied."""
+    if augmenter is not None:
+        return augmenter(x)
     return random_translate(x, cfg.translate_px) if cfg.augment == "predefined" else x
 
 

@@ -124,3 +124,73 @@ def test_step_is_pure():
     bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"], noise=data["noise"])
     after = [*model.parameters(), *aug.parameters()]
     assert all(torch.equal(a, b) and a.grad is None for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+@pytest.mark.parametrize(("k", "nesterov", "dampening"), [(2, True, 0.0), (3, False, 0.1)])
+def test_k_step_unroll_matches_central_difference(mode, k, nesterov, dampening):
+    from dali_bilevel.hypergrad import hypergradient, train_gradient
+
+    model, aug, opt, data = setup(nesterov=False)
+    for g in opt.param_groups:
+        g["nesterov"], g["dampening"] = nesterov, dampening
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(6, 3, 12, 12, dtype=torch.float64, generator=gen), torch.randint(0, 5, (6,), generator=gen))
+               for _ in range(k)]
+    noises = [aug.sample_noise(6) for _ in range(k)]
+    reference = copy.deepcopy({"m": model, "a": aug, "o": opt})
+    trace = []
+    for i, ((x, y), z) in enumerate(zip(batches, noises, strict=True)):
+        for grp in opt.param_groups:
+            grp["lr"] = 0.1 * (1 - 0.2 * i)  # a schedule inside the unroll
+        for grp in reference["o"].param_groups:
+            grp["lr"] = 0.1
+        rec, _, g = train_gradient(model, aug, opt, x, y, noise=z, mode=mode)
+        trace.append(rec)
+        for p, gi in zip(model.parameters(), g, strict=True):
+            p.grad = gi
+        opt.step()
+        opt.zero_grad()
+    _, h = hypergradient(model, aug, trace, list(model.parameters()), data["x_val"], data["y_val"], mode=mode)
+
+    def f(shift):
+        st = copy.deepcopy(reference)
+        m, a, o = st["m"], st["a"], st["o"]
+        with torch.no_grad():
+            for p, s in zip(a.parameters(), shift, strict=True):
+                p.add_(s)
+        for i, ((x, y), z) in enumerate(zip(batches, noises, strict=True)):
+            for grp in o.param_groups:
+                grp["lr"] = 0.1 * (1 - 0.2 * i)
+            F.cross_entropy(m(a(x, z)), y).backward()
+            o.step()
+            o.zero_grad()
+        with torch.no_grad():
+            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item()
+
+    d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
+    eps = 1e-6
+    fd = (f([eps * v for v in d]) - f([-eps * v for v in d])) / (2 * eps)
+    analytic = sum((hi * v).sum() for hi, v in zip(h, d, strict=True)).item()
+    # exact: to FD precision; finite_difference: each product has O(ε²) error of its own
+    assert analytic == pytest.approx(fd, rel=1e-4 if mode == "exact" else 2e-2), (analytic, fd)
+
+
+def test_fused_attention_has_no_double_backward_and_fd_still_works():
+    import timm
+
+    from dali_bilevel.hypergrad import NoDoubleBackward
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, num_classes=3, depth=1,
+                            pretrained=False)
+    aug = Augmenter("translation", "small")
+    torch.nn.init.normal_(aug.head.weight, std=0.05)
+    opt = torch.optim.SGD(vit.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    assert any(getattr(m, "fused_attn", False) for m in vit.modules())
+    with pytest.raises(NoDoubleBackward, match="not implemented"):
+        bilevel_step(vit, aug, opt, x, y, x, y, mode="exact")
+    out = bilevel_step(vit, aug, opt, x, y, x, y, mode="finite_difference")
+    assert all(torch.isfinite(h).all() for h in out.augmenter_grads)
+    assert sum(h.abs().sum() for h in out.augmenter_grads) > 0

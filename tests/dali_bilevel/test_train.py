@@ -1,0 +1,70 @@
+"""The training loop in-process on generated data: unroll/period bookkeeping, non-finite guards."""
+
+import json
+
+import pytest
+import torch
+
+import dali_bilevel.train as train_mod
+from dali_bilevel.config import TrainConfig
+from dali_bilevel.train import LossScaler, SetupError, training_function
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; each in-process run starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def config(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), output=str(out), model="cifar_resnet18_w16", image_size=32, crop_pct=1.0,
+                batch_size=8, epochs=1, lr=0.05, progress=False, workers=1, transforms="affine,color", grid_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_scaler_backs_off_and_grows():
+    s = LossScaler(True, init=1024.0, growth_interval=2)
+    s.update(False)
+    assert s.scale == 512.0
+    s.update(True)
+    s.update(True)
+    assert s.scale == 1024.0
+    off = LossScaler(False)
+    off.update(False)
+    assert off.scale == 1.0
+
+
+@pytest.mark.parametrize(("period", "unroll"), [(2, 1), (2, 2)])
+def test_period_and_unroll_count_updates(shapes_dir, tmp_path, period, unroll):
+    # 48 train images, 20% held out → 38 → 4 steps of 8 per epoch
+    m = training_function(config(shapes_dir, tmp_path, aug_period=period, unroll=unroll))
+    e = m["epochs"][0]
+    assert e["aug_updates"] == 4 // period and e["aug_skipped_nonfinite"] == 0
+
+
+def test_nonfinite_hypergradient_never_reaches_theta(shapes_dir, tmp_path, monkeypatch):
+    real = train_mod.hypergradient
+
+    def poisoned(*args, **kwargs):
+        val_loss, h = real(*args, **kwargs)
+        return val_loss, [torch.full_like(t, float("nan")) for t in h]
+
+    monkeypatch.setattr(train_mod, "hypergradient", poisoned)
+    m = training_function(config(shapes_dir, tmp_path))
+    e = m["epochs"][0]
+    assert e["aug_updates"] == 0 and e["aug_skipped_nonfinite"] == 4
+    state = torch.load(tmp_path / "augmenter.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert torch.equal(state["head.weight"], torch.zeros_like(state["head.weight"]))  # never moved
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["aug_skipped_nonfinite"] == 4
+
+
+def test_setup_errors(shapes_dir, tmp_path):
+    with pytest.raises(SetupError, match="K <= J"):
+        training_function(config(shapes_dir, tmp_path, aug_period=1, unroll=2))
+    with pytest.raises(SetupError, match="fp16 autocast does nothing on the CPU"):
+        training_function(config(shapes_dir, tmp_path, mixed_precision="fp16"))
