@@ -70,6 +70,10 @@ class TrainConfig:
     seed: int = _f(0, "random seed")
     cpu: bool = _f(False, "force CPU even when CUDA is available")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch, 0 for no cap (smoke tests)")
+    resume: str = _f("none", "resume from a checkpoint: auto (OUT/checkpoints/latest if any), none, or a folder")
+    checkpoint_every: int = _f(1000, "also checkpoint every N steps (always at epoch ends and on SIGTERM/SIGINT)")
+    log_every: int = _f(0, "print a progress line every N steps (for logs without a progress bar)")
+    tensorboard: bool = _f(True, "log scalars and the augmentation grid to TensorBoard under OUT/tensorboard")
     grid_every: int = _f(1, "write augmentations_epochNNN.png every this many epochs (0: never)")
     progress: bool = _f(True, "show a progress bar")
 

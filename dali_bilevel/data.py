@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from pipelines import DaliLoader, TorchLoader, find_splits
+from pipelines import DaliLoader, TorchLoader, scan_splits
+from pipelines.dali import dali_import_error, resolve_device
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -80,6 +81,20 @@ def stream_list(files: Sequence[str], labels: Sequence[int], idx: np.ndarray, n_
     return take(files, labels, order)
 
 
+def shard_order(flist: FileList, per_proc: int, num_shards: int) -> FileList:
+    """Reorder so that contiguous reader shards yield global batch t = ``flist[t*B:(t+1)*B]``.
+
+    Process r reads the r-th sub-chunk of every global batch. Global batches are then the same
+    whatever the number of processes, and resuming at step s is slicing the list at s*B.
+    """
+    if num_shards == 1:
+        return flist
+    big = per_proc * num_shards
+    order = [t * big + r * per_proc + j for r in range(num_shards) for t in range(len(flist) // big)
+             for j in range(per_proc)]
+    return FileList([flist.files[i] for i in order], [flist.labels[i] for i in order])
+
+
 def eval_list(files: Sequence[str], labels: Sequence[int], global_batch: int) -> FileList:
     """All samples in order, padded with label -1 to whole global batches."""
     pad = (-len(files)) % global_batch
@@ -99,8 +114,8 @@ class BilevelData(Protocol):
     train_size: int  # images the classifier trains on per epoch (after the validation split)
 
     def steps_per_epoch(self) -> int: ...
-    def train_batches(self, epoch: int) -> Iterable[Batch]: ...
-    def val_batches(self, epoch: int, n_batches: int) -> Iterator[Batch]: ...
+    def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]: ...
+    def val_batches(self, epoch: int, n_batches: int, start: int = 0) -> Iterator[Batch]: ...
     def eval_splits(self, epoch: int) -> dict[str, Iterable[Batch]]: ...
     def grid_images(self) -> torch.Tensor: ...
 
@@ -112,7 +127,7 @@ class FolderData:
         if cfg.batch_size % acc.num_processes:
             raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over {acc.num_processes} processes")
         self.cfg, self.acc, self.val_fraction = cfg, acc, val_fraction
-        self.train, self.test = find_splits(cfg.data)
+        self.train, self.test = scan_splits(cfg.data, skip_unreadable=cfg.skip_unreadable)
         self.classes = self.train.classes
         self.per_proc = cfg.batch_size // acc.num_processes
         tr0, _ = self._split(0)
@@ -120,6 +135,12 @@ class FolderData:
         if cfg.max_steps_per_epoch:
             self._steps = min(self._steps, cfg.max_steps_per_epoch)
         self.train_size = len(tr0)
+        if cfg.loader == "dali":  # fail now, not in the first epoch, when DALI or the GPU is missing
+            err = dali_import_error()
+            if err:
+                raise RuntimeError(f"--loader dali: {err}")
+            if cfg.dali_device == "gpu":
+                resolve_device("gpu")  # raises when no CUDA device is usable
 
     def _split(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return split_train_val(len(self.train), self.val_fraction, self.cfg.seed, epoch)
@@ -127,6 +148,8 @@ class FolderData:
     def loader(self, flist: FileList, train: bool, seed: int, batch: int | None = None, shard: bool = True):
         """This process's loader over a pre-arranged list (contiguous shard per process)."""
         cfg, acc = self.cfg, self.acc
+        if shard:
+            flist = shard_order(flist, batch or self.per_proc, acc.num_processes)
         kw: dict[str, Any] = dict(
             batch_size=batch or self.per_proc, image_size=cfg.image_size,
             crop=cfg.resolved_train_crop() if train else "center", crop_pct=cfg.crop_pct,
@@ -143,17 +166,21 @@ class FolderData:
     def steps_per_epoch(self) -> int:
         return self._steps
 
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
+        """This epoch's train batches from global step ``start`` on (resuming mid-epoch)."""
         tr, _ = self._split(epoch)
-        n = self._steps * self.cfg.batch_size
-        flist = train_list(self.train.files, self.train.labels, tr, self.cfg.batch_size)
-        return self.loader(FileList(flist.files[:n], flist.labels[:n]), True, self.cfg.seed * 1000 + epoch)
+        b = self.cfg.batch_size
+        flist = train_list(self.train.files, self.train.labels, tr, b)
+        lo, hi = start * b, self._steps * b
+        return self.loader(FileList(flist.files[lo:hi], flist.labels[lo:hi]), True, self.cfg.seed * 1000 + epoch)
 
-    def val_batches(self, epoch: int, n_batches: int) -> Iterator[Batch]:
+    def val_batches(self, epoch: int, n_batches: int, start: int = 0) -> Iterator[Batch]:
+        """The augmenter's validation stream: ``n_batches`` batches, from batch ``start`` on."""
         _, va = self._split(epoch)
-        flist = stream_list(self.train.files, self.train.labels, va, n_batches * self.cfg.batch_size,
-                            epoch_rng(self.cfg.seed, epoch, 2))
-        return iter(self.loader(flist, False, self.cfg.seed * 1000 + epoch))
+        b = self.cfg.batch_size
+        flist = stream_list(self.train.files, self.train.labels, va, n_batches * b, epoch_rng(self.cfg.seed, epoch, 2))
+        flist = FileList(flist.files[start * b :], flist.labels[start * b :])
+        return iter(self.loader(flist, False, self.cfg.seed * 1000 + epoch)) if len(flist) else iter(())
 
     def eval_splits(self, epoch: int) -> dict[str, Iterable[Batch]]:
         out: dict[str, Iterable[Batch]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dali_bilevel.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import BilevelData, FolderData
 from dali_bilevel.hypergrad import NoDoubleBackward, StepRecord, hypergradient, train_gradient
@@ -176,14 +178,44 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written after the current step."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def any_process(self, acc: Accelerator) -> bool:
+        if acc.num_processes == 1:
+            return self.raised
+        return bool(acc.reduce(torch.tensor(float(self.raised), device=acc.device), "sum").item() > 0)
+
+
 def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = FolderData) -> dict[str, Any]:
     """Train ω (and θ when ``augment == 'learned'``) and return the metrics written to metrics.json."""
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise SetupError("--mixed-precision fp16: fp16 autocast does nothing on the CPU; use bf16")
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    out_dir = Path(cfg.output)
+    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, project_dir=str(out_dir),
+                      log_with="tensorboard" if cfg.tensorboard else None)
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
-    out_dir = Path(cfg.output)
     learned = cfg.augment == "learned"
     flip = cfg.flip if cfg.augment != "none" else "none"
     J, K = cfg.aug_period, cfg.unroll
@@ -197,6 +229,7 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         set_seed(cfg.seed)  # identical initial weights on every process
         model = create_backbone(cfg.model, len(data.classes), cfg.weights)
         augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode) if learned else None
+        resume_from = find_checkpoint(cfg.resume, out_dir)
     if learned and cfg.hypergrad == "exact":
         import timm.layers
 
@@ -212,133 +245,183 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     params = [p for p in unwrapped.parameters() if p.requires_grad]
     theta = list(augmenter.parameters()) if augmenter is not None else []
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
-    reduce_mean = flat_reduce_mean(acc)
     scaler = LossScaler(cfg.mixed_precision == "fp16")
-    mode = cfg.hypergrad
-    hyper_kw: dict[str, Any] = dict(reduce_mean=reduce_mean, autocast=acc.autocast)
+    modules = {"model": unwrapped, **({"augmenter": augmenter} if augmenter is not None else {})}
+    optims = {"opt": opt, "sched": sched, "scaler": scaler, **({"aug_opt": aug_opt} if aug_opt else {})}
+    metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
+                               "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
+                               "epochs": []}
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "mode": cfg.hypergrad, "sums": None}
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, acc, modules)
+        for name, obj in optims.items():
+            obj.load_state_dict(saved[name])
+        progress, metrics = saved["progress"], saved["metrics"]
+        acc.print(f"resumed from {resume_from} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+    mode = progress["mode"]
+    hyper_kw: dict[str, Any] = dict(reduce_mean=flat_reduce_mean(acc), autocast=acc.autocast)
+
+    def checkpoint(epoch: int, step: int, sums: dict[str, float] | None) -> None:
+        progress.update(epoch=epoch, step=step, mode=mode, sums=sums)
+        state = {name: obj.state_dict() for name, obj in optims.items()}
+        save_checkpoint(out_dir / "checkpoints", progress["global_step"], acc, modules,
+                        {**state, "progress": progress, "metrics": metrics})
 
     def augment(x: Tensor) -> Tensor:
         """The train-time augmentation, for the grid (flips first, as in the paper)."""
         return augment_no_flip(random_flip(x, flip), augmenter, cfg)
 
-    metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
-                               "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
-                               "epochs": []}
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         acc.print(f"{data.train_size} train images, {len(data.classes)} classes; {steps} steps/epoch of "
-                  f"{cfg.batch_size} on {acc.num_processes} process(es), device {acc.device}")
+                  f"{cfg.batch_size} on {acc.num_processes} process(es), device {acc.device}, {metrics['pil']}")
+    if cfg.tensorboard:
+        acc.init_trackers("tensorboard", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                                 for k, v in cfg.to_dict().items()})
     t_run = time.perf_counter()
-
-    for epoch in range(cfg.epochs):
-        train_iter = data.train_batches(epoch)
-        val_iter = data.val_batches(epoch, steps // J) if learned else iter(())
-        model.train()
-        sums = {"train_loss": 0.0, "val_loss": 0.0, "updates": 0, "skipped": 0, "skipped_steps": 0}
-        trace: list[StepRecord] = []
-        wait = compute = 0.0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (acc.is_main_process and cfg.progress))
-        t_epoch = t0 = time.perf_counter()
-        for step, (x, y, *_) in enumerate(train_iter):
-            x = random_flip(x.to(acc.device), flip).contiguous(memory_format=memory_format)
-            y = y.to(acc.device)
-            t1 = time.perf_counter()
-            wait += t1 - t0
-            if learned and step % J >= J - K:
-                # One of the K steps the hypergradient unrolls (Eq. 3-5): keep what Eq. 7 revisits.
-                rec, loss, grads = train_gradient(unwrapped, augmenter, opt, x, y, mode=mode,
-                                                  loss_scale=scaler.scale, **hyper_kw)
-                trace.append(rec)
-                finite = all_finite(grads)
+    with StopFlag() as stop:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            start = progress["step"] if epoch == progress["epoch"] else 0
+            train_iter = data.train_batches(epoch, start)
+            val_iter = data.val_batches(epoch, steps // J, start // J) if learned else iter(())
+            model.train()
+            sums = progress["sums"] if start else None
+            sums = sums or {"train_loss": 0.0, "val_loss": 0.0, "updates": 0, "skipped": 0, "skipped_steps": 0}
+            trace: list[StepRecord] = []
+            wait = compute = 0.0
+            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       dynamic_ncols=True, disable=not (acc.is_main_process and cfg.progress))
+            t_epoch = t0 = time.perf_counter()
+            for step, (x, y, *_) in enumerate(train_iter, start=start):
+                x = random_flip(x.to(acc.device), flip).contiguous(memory_format=memory_format)
+                y = y.to(acc.device)
+                t1 = time.perf_counter()
+                wait += t1 - t0
+                if learned and step % J >= J - K:
+                    # One of the K steps the hypergradient unrolls (Eq. 3-5): keep what Eq. 7 revisits.
+                    rec, loss, grads = train_gradient(unwrapped, augmenter, opt, x, y, mode=mode,
+                                                      loss_scale=scaler.scale, **hyper_kw)
+                    trace.append(rec)
+                    finite = all_finite(grads)
+                    if finite:
+                        for p, g in zip(params, grads, strict=True):
+                            p.grad = g  # the real step reuses the train gradient: no extra backward
+                else:
+                    with torch.no_grad():
+                        x = augment_no_flip(x, augmenter, cfg)
+                    with acc.autocast():
+                        loss = F.cross_entropy(model(x), y)
+                    acc.backward(loss * scaler.scale)
+                    if scaler.enabled:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad /= scaler.scale
+                    finite = all_finite(p.grad for p in params if p.grad is not None)
                 if finite:
-                    for p, g in zip(params, grads, strict=True):
-                        p.grad = g  # the real step reuses the train gradient: no extra backward
-            else:
-                with torch.no_grad():
-                    x = augment_no_flip(x, augmenter, cfg)
-                with acc.autocast():
-                    loss = F.cross_entropy(model(x), y)
-                acc.backward(loss * scaler.scale)
-                if scaler.enabled:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad /= scaler.scale
-                finite = all_finite(p.grad for p in params if p.grad is not None)
-            if finite:
-                opt.step()
-            else:  # an fp16 overflow: skip the step, back off the scale, drop the unroll
-                sums["skipped_steps"] += 1
-                trace = []
-            scaler.update(finite)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if learned and step % J == J - 1 and trace:
-                # Eq. 6-8: θ follows the validation loss at the weights the K real steps reached.
-                xv, yv, *_ = next(val_iter)
-                xv = xv.to(acc.device).contiguous(memory_format=memory_format)
-                try:
-                    val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
-                                                mode=mode, loss_scale=scaler.scale, **hyper_kw)
-                except NoDoubleBackward as e:
-                    acc.print(f"warning: exact hypergradient impossible ({e}); switching to --hypergrad "
-                              "finite_difference for the rest of the run")
-                    mode = metrics["hypergrad_switched_to"] = "finite_difference"
-                    val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
-                                                mode=mode, loss_scale=scaler.scale, **hyper_kw)
-                trace = []
-                if all_finite(h):
-                    for t, hi in zip(theta, h, strict=True):
-                        t.grad = hi
-                    aug_opt.step()
-                    sums["updates"] += 1
-                else:  # never let a non-finite hypergradient reach θ
-                    sums["skipped"] += 1
-                aug_opt.zero_grad(set_to_none=True)
-                sums["val_loss"] += val_loss.item()
-            sums["train_loss"] += loss.item()
-            t0 = time.perf_counter()
-            compute += t0 - t1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(step + 1) * cfg.batch_size / (t0 - t_epoch):.0f}")
-        bar.close()
-        epoch_time = time.perf_counter() - t_epoch
+                    opt.step()
+                else:  # an fp16 overflow: skip the step, back off the scale, drop the unroll
+                    sums["skipped_steps"] += 1
+                    trace = []
+                scaler.update(finite)
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if learned and step % J == J - 1 and trace:
+                    # Eq. 6-8: θ follows the validation loss at the weights the K real steps reached.
+                    xv, yv, *_ = next(val_iter)
+                    xv = xv.to(acc.device).contiguous(memory_format=memory_format)
+                    try:
+                        val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
+                                                    mode=mode, loss_scale=scaler.scale, **hyper_kw)
+                    except NoDoubleBackward as e:
+                        acc.print(f"warning: exact hypergradient impossible ({e}); switching to --hypergrad "
+                                  "finite_difference for the rest of the run")
+                        mode = metrics["hypergrad_switched_to"] = "finite_difference"
+                        val_loss, h = hypergradient(unwrapped, augmenter, trace, params, xv, yv.to(acc.device),
+                                                    mode=mode, loss_scale=scaler.scale, **hyper_kw)
+                    trace = []
+                    if all_finite(h):
+                        for t, hi in zip(theta, h, strict=True):
+                            t.grad = hi
+                        aug_opt.step()
+                        sums["updates"] += 1
+                    else:  # never let a non-finite hypergradient reach θ
+                        sums["skipped"] += 1
+                    aug_opt.zero_grad(set_to_none=True)
+                    sums["val_loss"] += val_loss.item()
+                sums["train_loss"] += loss.item()
+                progress["global_step"] += 1
+                t0 = time.perf_counter()
+                compute += t0 - t1
+                bar.update(1)
+                img_s = (step + 1 - start) * cfg.batch_size / (t0 - t_epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{img_s:.0f}")
+                if cfg.tensorboard and acc.is_main_process:
+                    acc.log({"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]},
+                            step=progress["global_step"])
+                if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                    acc.print(f"epoch {epoch + 1} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+                if not trace:  # a step boundary the hypergradient does not straddle
+                    if stop.any_process(acc):
+                        checkpoint(epoch, step + 1, sums)
+                        raise Preempted(f"stopped by signal at epoch {epoch + 1}, step {step + 1}; "
+                                        f"checkpoint in {out_dir / 'checkpoints'}; rerun with --resume auto")
+                    if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
+                        checkpoint(epoch, step + 1, sums)
+            bar.close()
+            epoch_time = time.perf_counter() - t_epoch
 
-        # ---- evaluate and log: the test split is only reported, never used for choices ----
-        sync_buffers(unwrapped, acc)
-        scores = {name: evaluate(unwrapped, loader, acc) for name, loader in data.eval_splits(epoch).items()}
-        train_loss = acc.reduce(torch.tensor(sums["train_loss"] / max(1, steps), device=acc.device), "mean").item()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "train_loss": train_loss,
-            "val_acc": scores["val"]["acc"] if "val" in scores else None,
-            "test_acc": scores["test"]["acc"], "test_count": scores["test"]["count"],
-            "images_per_s": steps * cfg.batch_size / epoch_time, "step_time_s": compute / max(1, steps),
-            "data_wait_frac": wait / max(epoch_time, 1e-9), "epoch_time_s": epoch_time, "lr": sched.get_last_lr()[0],
-        }
-        for name, sc in scores.items():
-            if "group_acc" in sc:
-                row[f"{name}_image_acc"] = sc["group_acc"]
-        if learned:
-            row["aug_val_loss"] = sums["val_loss"] / max(1, sums["updates"] + sums["skipped"])
-            row["aug_updates"], row["aug_skipped_nonfinite"] = sums["updates"], sums["skipped"]
-            with torch.no_grad():
-                row["aug_magnitudes"] = magnitudes(augmenter.sample_params(256), cfg.image_size)
-        row["skipped_steps_nonfinite"] = sums["skipped_steps"]
-        row["loss_scale"] = scaler.scale
-        metrics["epochs"].append(row)
-        metrics["test_acc"] = row["test_acc"]
-        metrics["wall_time_s"] = time.perf_counter() - t_run
-        if acc.is_main_process:
-            acc.print(epoch_summary(row, cfg.epochs))
-            if cfg.grid_every and cfg.augment != "none" and (epoch + 1) % cfg.grid_every == 0:
-                grid = augmentation_grid(data.grid_images().to(acc.device), augment)
-                save_grid(grid, out_dir / f"augmentations_epoch{epoch + 1:03d}.png")
-            write_json(out_dir / "metrics.json", metrics)
+            # ---- evaluate and log: the test split is only reported, never used for choices ----
+            sync_buffers(unwrapped, acc)
+            scores = {name: evaluate(unwrapped, loader, acc) for name, loader in data.eval_splits(epoch).items()}
+            train_loss = acc.reduce(torch.tensor(sums["train_loss"] / max(1, steps), device=acc.device),
+                                    "mean").item()
+            done = steps - start
+            row: dict[str, Any] = {
+                "epoch": epoch + 1, "train_loss": train_loss,
+                "val_acc": scores["val"]["acc"] if "val" in scores else None,
+                "test_acc": scores["test"]["acc"], "test_count": scores["test"]["count"],
+                "images_per_s": done * cfg.batch_size / epoch_time, "step_time_s": compute / max(1, done),
+                "data_wait_frac": wait / max(epoch_time, 1e-9), "epoch_time_s": epoch_time,
+                "lr": sched.get_last_lr()[0], "resumed_at_step": start or None,
+            }
+            for name, sc in scores.items():
+                if "group_acc" in sc:
+                    row[f"{name}_image_acc"] = sc["group_acc"]
+            if learned:
+                row["aug_val_loss"] = sums["val_loss"] / max(1, sums["updates"] + sums["skipped"])
+                row["aug_updates"], row["aug_skipped_nonfinite"] = sums["updates"], sums["skipped"]
+                with torch.no_grad():
+                    row["aug_magnitudes"] = magnitudes(augmenter.sample_params(256), cfg.image_size)
+            row["skipped_steps_nonfinite"] = sums["skipped_steps"]
+            row["loss_scale"] = scaler.scale
+            metrics["epochs"].append(row)
+            metrics["test_acc"] = row["test_acc"]
+            metrics["wall_time_s"] = metrics.get("wall_time_s", 0.0) + epoch_time
+            if acc.is_main_process:
+                acc.print(epoch_summary(row, cfg.epochs))
+                grid = None
+                if cfg.grid_every and cfg.augment != "none" and (epoch + 1) % cfg.grid_every == 0:
+                    grid = augmentation_grid(data.grid_images().to(acc.device), augment)
+                    save_grid(grid, out_dir / f"augmentations_epoch{epoch + 1:03d}.png")
+                if cfg.tensorboard:
+                    log_epoch(acc, row, grid, progress["global_step"])
+                write_json(out_dir / "metrics.json", metrics)
+            checkpoint(epoch + 1, 0, None)
     acc.wait_for_everyone()
     if augmenter is not None and acc.is_main_process:
         torch.save(augmenter.state_dict(), out_dir / "augmenter.pt")
+    metrics["run_time_s"] = time.perf_counter() - t_run
     acc.end_training()
     return metrics
+
+
+def log_epoch(acc: Accelerator, row: dict[str, Any], grid: Tensor | None, step: int) -> None:
+    """Epoch scalars (and the augmentation grid) to TensorBoard."""
+    scalars = {f"epoch/{k}": float(v) for k, v in row.items() if isinstance(v, int | float) and v is not None}
+    scalars.update({f"augmenter/{k}": v for k, v in row.get("aug_magnitudes", {}).items()})
+    acc.log(scalars, step=step)
+    if grid is not None:
+        acc.get_tracker("tensorboard").log_images({"augmentations": grid.unsqueeze(0)}, step=step)
 
 
 def augment_no_flip(x: Tensor, augmenter: nn.Module | None, cfg: TrainConfig) -> Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dali_bilevel.config import parse_config
-from dali_bilevel.train import SetupError, training_function
+from dali_bilevel.train import Preempted, SetupError, training_function
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
+        print(str(e), file=sys.stderr)
+        return 0
     if "test_acc" in metrics:
         print(f"final test accuracy {metrics['test_acc']:.2f}%; outputs in {cfg.output}")
     return 0
