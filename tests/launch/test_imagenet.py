@@ -75,3 +75,22 @@ def test_two_cpu_processes(shapes_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["epochs"][0]["test_count"] == 24
     assert m["epochs"][0]["aug_updates"] == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error path")
+def test_gpu_requested_but_absent(shapes_dir, tmp_path):
+    r = run(["--data", str(shapes_dir), "--output", str(tmp_path), *SMALL, "--dali-device", "gpu"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: --dali-device gpu: no CUDA device is available; "
+                                                 "use --dali-device cpu")
+
+
+def test_dali_not_installed(shapes_dir, tmp_path):
+    # Block the import the way a missing package fails, then run the real launch script.
+    code = ("import runpy, sys; sys.modules['nvidia.dali'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    launcher = [sys.executable, "-c", code]
+    r = run(["--data", str(shapes_dir), "--output", str(tmp_path), *SMALL], launcher=launcher)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --loader dali: NVIDIA DALI is not usable here") and "--loader torch" in last
