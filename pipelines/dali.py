@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,12 +111,17 @@ class DaliLoader:
 
 
 def _to_torch(tl) -> Tensor:
-    """DALI TensorList → torch tensor, zero-copy-free but simple: DLPack on the tensor's device."""
+    """DALI TensorList → torch tensor on the tensor's device (one copy: DALI reuses its buffers).
+
+    On the CPU the copy goes through NumPy, whose large allocations use transparent huge pages:
+    for a 64 x 3 x 224 x 224 float batch that is ~6 ms against ~80 ms for ``feed_ndarray`` into
+    ``torch.empty`` on a 2-core VM, the difference between DALI leading or trailing torchvision.
+    """
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     t = tl.as_tensor()
-    on_gpu = type(tl).__name__ == "TensorListGPU"
-    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype],
-                      device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    if type(tl).__name__ != "TensorListGPU":
+        return torch.from_numpy(np.array(t))
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=torch.device("cuda", torch.cuda.current_device()))
     feed_ndarray(t, out)
     return out

@@ -1,15 +1,17 @@
 """torchvision + PIL loader: the CPU baseline and the fallback when DALI is unavailable.
 
 Same contract and transforms as `pipelines.dali.DaliLoader`: an explicit, pre-arranged file
-list, contiguous shards, float32 NCHW in [0, 1].
+list, contiguous shards, float32 NCHW in [0, 1]. Files are decoded to RGB the way DALI's
+``decoders.image(output_type=RGB)`` does (`open_rgb`), so both loaders see the same pixels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -27,6 +29,36 @@ def build_transform(image_size: int, crop: str, crop_pct: float) -> T.Compose:
     return T.Compose([*geo, T.ToTensor()])
 
 
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_TRANSPOSING = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations other than 'upright'
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as DALI decodes it: EXIF orientation applied, alpha dropped (not composited),
+    16-bit greyscale scaled by 1/257 and rounded (PIL's own ``convert`` would clip it at 255).
+
+    16-bit RGB files are read by PIL as their high bytes, within one grey level of DALI's rounding.
+    """
+    if im.format in ("JPEG", "MPO") and im.getexif().get(0x0112, 1) in _TRANSPOSING:
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):  # PIL reads some 16-bit PNGs as 'I'
+        raise ValueError(f"{getattr(im, 'filename', 'image')}: 32-bit samples are not converted (see pipelines.scan)")
+    if im.mode in SIXTEEN_BIT_GREY:
+        v = np.asarray(im).astype(np.uint32)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode a file to a loaded 8-bit RGB image (`to_rgb`)."""
+    with Image.open(path) as im:
+        out = to_rgb(im)
+        out.load()
+        return out
+
+
 class FileListDataset(Dataset):
     def __init__(self, files: Sequence[str], labels: Sequence[int], transform: T.Compose) -> None:
         self.files, self.labels, self.transform = list(files), list(labels), transform
@@ -36,7 +68,7 @@ class FileListDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i]
+            return self.transform(to_rgb(im)), self.labels[i]
 
 
 class TorchLoader:
