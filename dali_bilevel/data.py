@@ -95,6 +95,13 @@ def shard_order(flist: FileList, per_proc: int, num_shards: int) -> FileList:
     return FileList([flist.files[i] for i in order], [flist.labels[i] for i in order])
 
 
+def dali_device(cfg: TrainConfig, acc: Accelerator) -> str:
+    """Where DALI decodes: ``--dali-device``, with 'auto' following the training device."""
+    if cfg.dali_device != "auto":
+        return cfg.dali_device
+    return "gpu" if acc.device.type == "cuda" else "cpu"
+
+
 def eval_list(files: Sequence[str], labels: Sequence[int], global_batch: int) -> FileList:
     """All samples in order, padded with label -1 to whole global batches."""
     pad = (-len(files)) % global_batch
@@ -156,11 +163,8 @@ class FolderData:
             shard_id=acc.process_index if shard else 0, num_shards=acc.num_processes if shard else 1, seed=seed,
         )
         if cfg.loader == "dali":
-            device = cfg.dali_device
-            if device == "auto":
-                device = "gpu" if acc.device.type == "cuda" else "cpu"
-            return DaliLoader(flist.files, flist.labels, device=device, device_id=acc.local_process_index,
-                              num_threads=cfg.workers, **kw)
+            return DaliLoader(flist.files, flist.labels, device=dali_device(cfg, acc),
+                              device_id=acc.local_process_index, num_threads=cfg.workers, **kw)
         return TorchLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
 
     def steps_per_epoch(self) -> int:

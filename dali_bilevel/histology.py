@@ -30,6 +30,7 @@ from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import (
     Batch,
     FileList,
+    dali_device,
     epoch_rng,
     eval_list,
     shard_order,
@@ -182,11 +183,8 @@ class TileData:
             shard_id=acc.process_index if shard else 0, num_shards=acc.num_processes if shard else 1, seed=seed,
         )
         if cfg.loader == "dali":
-            device = cfg.dali_device
-            if device == "auto":
-                device = "gpu" if acc.device.type == "cuda" else "cpu"
-            return DaliTileLoader(flist.files, flist.labels, device=device, device_id=acc.local_process_index,
-                                  num_threads=cfg.workers, **kw)
+            return DaliTileLoader(flist.files, flist.labels, device=dali_device(cfg, acc),
+                                  device_id=acc.local_process_index, num_threads=cfg.workers, **kw)
         return TorchTileLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
 
     def steps_per_epoch(self) -> int:
