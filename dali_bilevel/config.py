@@ -49,7 +49,8 @@ class TrainConfig:
                               choices=("no", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels-last memory format for the classifier and its inputs")
     # augmentation
-    augment: str = _f("learned", "augmentation", choices=AUGMENT_MODES)
+    augment: str = _f("learned", "augmentation: learned, predefined, none, or frozen:PATH (a trained augmenter.pt "
+                      "applied as a fixed augmentation, with no hypergradient)")
     transforms: str = _f("affine,color", "learned transform families: translation, affine, color")
     flip: str = _f("h", "predefined flips, applied in every mode but none: h, v, hv or none",
                    choices=("none", "h", "v", "hv"))
@@ -76,6 +77,11 @@ class TrainConfig:
     tensorboard: bool = _f(True, "log scalars and the augmentation grid to TensorBoard under OUT/tensorboard")
     grid_every: int = _f(1, "write augmentations_epochNNN.png every this many epochs (0: never)")
     progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENT_MODES and not self.augment.startswith("frozen:"):
+            raise SystemExit(f"error: --augment: unknown mode {self.augment!r}; choose "
+                             f"{', '.join(AUGMENT_MODES)} or frozen:PATH")
 
     def resolved_train_crop(self) -> str:
         if self.train_crop != "auto":

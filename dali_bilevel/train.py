@@ -31,6 +31,7 @@ from dali_bilevel.data import BilevelData, FolderData
 from dali_bilevel.hypergrad import NoDoubleBackward, StepRecord, hypergradient, train_gradient
 from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes, random_flip, random_translate
+from models.augmenter import load_policy, save_policy
 from pipelines.torch_loader import pil_flavour
 
 
@@ -229,6 +230,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         set_seed(cfg.seed)  # identical initial weights on every process
         model = create_backbone(cfg.model, len(data.classes), cfg.weights)
         augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode) if learned else None
+        if cfg.augment.startswith("frozen:"):  # an exported policy, applied like a predefined one
+            augmenter = load_policy(cfg.augment.split(":", 1)[1])
         resume_from = find_checkpoint(cfg.resume, out_dir)
     if learned and cfg.hypergrad == "exact":
         import timm.layers
@@ -237,16 +240,16 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     steps = data.steps_per_epoch()
-    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter, steps * cfg.epochs, steps)
+    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter if learned else None, steps * cfg.epochs, steps)
     model = acc.prepare(model)
     if augmenter is not None:
         augmenter.to(acc.device)
     unwrapped = acc.unwrap_model(model)
     params = [p for p in unwrapped.parameters() if p.requires_grad]
-    theta = list(augmenter.parameters()) if augmenter is not None else []
+    theta = list(augmenter.parameters()) if learned else []
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
     scaler = LossScaler(cfg.mixed_precision == "fp16")
-    modules = {"model": unwrapped, **({"augmenter": augmenter} if augmenter is not None else {})}
+    modules = {"model": unwrapped, **({"augmenter": augmenter} if learned else {})}
     optims = {"opt": opt, "sched": sched, "scaler": scaler, **({"aug_opt": aug_opt} if aug_opt else {})}
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
                                "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
@@ -408,8 +411,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
                 write_json(out_dir / "metrics.json", metrics)
             checkpoint(epoch + 1, 0, None)
     acc.wait_for_everyone()
-    if augmenter is not None and acc.is_main_process:
-        torch.save(augmenter.state_dict(), out_dir / "augmenter.pt")
+    if learned and acc.is_main_process:
+        save_policy(augmenter, out_dir / "augmenter.pt")
     metrics["run_time_s"] = time.perf_counter() - t_run
     acc.end_training()
     return metrics

@@ -10,8 +10,10 @@ in kornia's style.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import kornia
 import torch
@@ -150,6 +152,7 @@ class Augmenter(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.center_hidden = center_hidden
         self.padding_mode = padding_mode
+        self.size = size
 
     def sample_noise(self, batch_size: int, device: torch.device | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -166,3 +169,30 @@ class Augmenter(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         return apply_transform(x, self.sample_params(x.shape[0], noise), self.padding_mode)
+
+    def spec(self) -> dict[str, object]:
+        """What `from_spec` needs to rebuild this augmenter (saved beside its weights)."""
+        return {"transforms": list(self.families), "size": self.size, "center_hidden": self.center_hidden,
+                "padding_mode": self.padding_mode}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, object]) -> Augmenter:
+        return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]))
+
+
+def save_policy(augmenter: Augmenter, path: str | Path) -> None:
+    """Export a trained augmenter: weights (``.pt``, tensors only) and its spec (``.json``)."""
+    path = Path(path)
+    torch.save(augmenter.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(augmenter.spec(), indent=2))
+
+
+def load_policy(path: str | Path) -> Augmenter:
+    """A frozen augmenter from `save_policy`'s files; loads tensors only (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        raise FileNotFoundError(f"--augment frozen:{path}: needs {path} and {path.with_suffix('.json')} "
+                                "(written as augmenter.pt/.json by a learned run)")
+    aug = Augmenter.from_spec(json.loads(path.with_suffix(".json").read_text()))
+    aug.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return aug.requires_grad_(False).eval()

@@ -68,3 +68,16 @@ def test_setup_errors(shapes_dir, tmp_path):
         training_function(config(shapes_dir, tmp_path, aug_period=1, unroll=2))
     with pytest.raises(SetupError, match="fp16 autocast does nothing on the CPU"):
         training_function(config(shapes_dir, tmp_path, mixed_precision="fp16"))
+
+
+def test_exported_policy_trains_a_plain_run(shapes_dir, tmp_path):
+    learned = training_function(config(shapes_dir, tmp_path / "learned"))
+    assert learned["epochs"][0]["aug_updates"] == 4
+    policy = tmp_path / "learned" / "augmenter.pt"
+    assert policy.with_suffix(".json").exists()
+    frozen = training_function(config(shapes_dir, tmp_path / "frozen", augment=f"frozen:{policy}"))
+    e = frozen["epochs"][0]
+    assert "aug_updates" not in e and e["val_acc"] is None  # no hypergradient, no validation split
+    assert frozen["train_images"] == 48
+    with pytest.raises(SetupError, match="frozen:"):
+        training_function(config(shapes_dir, tmp_path / "x", augment=f"frozen:{tmp_path / 'nope.pt'}"))

@@ -99,3 +99,19 @@ def test_predefined_flip_and_translate():
     assert torch.isin(t, torch.cat([x.unique(), torch.zeros(1)])).all()
     with pytest.raises(ValueError, match="--flip"):
         random_flip(x, "d")
+
+
+def test_policy_export_roundtrip(tmp_path):
+    from models.augmenter import load_policy, save_policy
+
+    torch.manual_seed(0)
+    aug = Augmenter("translation,color", "medium", center_hidden=False, padding_mode="border")
+    torch.nn.init.normal_(aug.head.weight, std=0.1)
+    save_policy(aug, tmp_path / "augmenter.pt")
+    frozen = load_policy(tmp_path / "augmenter.pt")
+    assert frozen.families == ("translation", "color") and frozen.padding_mode == "border"
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x, z = torch.rand(3, 3, 8, 8), aug.sample_noise(3)
+    torch.testing.assert_close(frozen(x, z), aug(x, z).detach())
+    with pytest.raises(FileNotFoundError, match="frozen:"):
+        load_policy(tmp_path / "missing.pt")
