@@ -80,7 +80,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENT_MODES and not self.augment.startswith("frozen:"):
-            raise SystemExit(f"error: --augment: unknown mode {self.augment!r}; choose "
+            raise ValueError(f"--augment: unknown mode {self.augment!r}; choose "
                              f"{', '.join(AUGMENT_MODES)} or frozen:PATH")
 
     def resolved_train_crop(self) -> str:

@@ -16,7 +16,11 @@ from dali_bilevel.train import Preempted, SetupError, training_function
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:  # a flag TrainConfig rejects
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         metrics = training_function(cfg)
     except SetupError as e:

@@ -81,3 +81,8 @@ def test_exported_policy_trains_a_plain_run(shapes_dir, tmp_path):
     assert frozen["train_images"] == 48
     with pytest.raises(SetupError, match="frozen:"):
         training_function(config(shapes_dir, tmp_path / "x", augment=f"frozen:{tmp_path / 'nope.pt'}"))
+
+
+def test_unknown_augment_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="--augment: unknown mode 'magic'"):
+        TrainConfig(data="x", augment="magic")
