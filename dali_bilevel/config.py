@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-AUGMENT_MODES = ("learned", "predefined", "none")
+AUGMENT_MODES = ("learned", "predefined", "none", "randaugment", "trivialaugment")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -49,8 +49,10 @@ class TrainConfig:
                               choices=("no", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels-last memory format for the classifier and its inputs")
     # augmentation
-    augment: str = _f("learned", "augmentation: learned, predefined, none, or frozen:PATH (a trained augmenter.pt "
-                      "applied as a fixed augmentation, with no hypergradient)")
+    augment: str = _f("learned", "augmentation: learned, predefined, none, randaugment or trivialaugment (peer "
+                      "baselines: DALI's RandAugment n=2 m=9 / TrivialAugment Wide on the train images, "
+                      "--loader dali only), or frozen:PATH (a trained augmenter.pt applied as a fixed "
+                      "augmentation, with no hypergradient)")
     transforms: str = _f("affine,color", "learned transform families: translation, affine, color")
     flip: str = _f("h", "predefined flips, applied in every mode but none: h, v, hv or none",
                    choices=("none", "h", "v", "hv"))

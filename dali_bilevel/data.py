@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipelines import DaliLoader, TorchLoader, scan_splits
-from pipelines.dali import dali_import_error, resolve_device
+from pipelines.dali import AUTO_AUGMENTS, dali_import_error, resolve_device
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -102,6 +102,13 @@ def dali_device(cfg: TrainConfig, acc: Accelerator) -> str:
     return "gpu" if acc.device.type == "cuda" else "cpu"
 
 
+def check_auto_augment(cfg: TrainConfig) -> None:
+    """``--augment randaugment|trivialaugment`` run inside the DALI graph: refuse the torchvision loader."""
+    if cfg.augment in AUTO_AUGMENTS and cfg.loader != "dali":
+        raise ValueError(f"--augment {cfg.augment} runs in the DALI pipeline; it needs --loader dali, "
+                         f"not --loader {cfg.loader}")
+
+
 def eval_list(files: Sequence[str], labels: Sequence[int], global_batch: int) -> FileList:
     """All samples in order, padded with label -1 to whole global batches."""
     pad = (-len(files)) % global_batch
@@ -131,6 +138,7 @@ class FolderData:
     """ImageFolder data (``DIR/train``, ``DIR/val`` or ``DIR/test``) through DALI or torchvision."""
 
     def __init__(self, cfg: TrainConfig, acc: Accelerator, val_fraction: float) -> None:
+        check_auto_augment(cfg)
         if cfg.batch_size % acc.num_processes:
             raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over {acc.num_processes} processes")
         self.cfg, self.acc, self.val_fraction = cfg, acc, val_fraction
@@ -163,8 +171,11 @@ class FolderData:
             shard_id=acc.process_index if shard else 0, num_shards=acc.num_processes if shard else 1, seed=seed,
         )
         if cfg.loader == "dali":
+            # RandAugment/TrivialAugment only on the classifier's stream, never on validation or evaluation.
+            auto = cfg.augment if train and cfg.augment in AUTO_AUGMENTS else None
             return DaliLoader(flist.files, flist.labels, device=dali_device(cfg, acc),
-                              device_id=acc.local_process_index, num_threads=cfg.workers, **kw)
+                              device_id=acc.local_process_index, num_threads=cfg.workers, auto_augment=auto, **kw)
+        check_auto_augment(cfg)  # the torchvision loader has no RandAugment/TrivialAugment: never drop it silently
         return TorchLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
 
     def steps_per_epoch(self) -> int:

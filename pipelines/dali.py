@@ -6,6 +6,10 @@ training. Without CUDA, the same graph runs with CPU operators and ``device_id=N
 The caller passes an explicit file list per epoch (already permuted and padded, see
 `dali_bilevel.data`), so sharding is exact: shard ``i`` of ``n`` gets the contiguous
 ``i``-th ``1/n`` of the list, as ``fn.readers.file`` defines it.
+
+The RandAugment and TrivialAugment baselines (``auto_augment``) run DALI's ``nvidia.dali.auto_aug``
+policies inside the same graph, on the uint8 HWC crop before it becomes float: the policies
+only take uint8 images, and they need the pipeline built with ``enable_conditionals=True``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 CROPS = ("center", "random")
+AUTO_AUGMENTS = ("randaugment", "trivialaugment")  # --augment modes that DALI's auto_aug applies
 
 
 def dali_import_error() -> str | None:
@@ -60,27 +65,32 @@ class DaliLoader:
         device_id: int = 0,
         num_threads: int = 2,
         seed: int = 0,
+        auto_augment: str | None = None,
     ) -> None:
         err = dali_import_error()
         if err:
             raise RuntimeError(err)
         if crop not in CROPS:
             raise ValueError(f"--train-crop: unknown crop {crop!r}; choose {', '.join(CROPS)}")
+        if auto_augment is not None and auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(f"--augment: {auto_augment!r} is not a DALI auto-augmentation; "
+                             f"choose {', '.join(AUTO_AUGMENTS)}")
         if len(files) % (num_shards * batch_size):
             raise ValueError(f"{len(files)} files do not split into {num_shards} shards of whole {batch_size}-batches")
         self.device = resolve_device(device)
         self.batches = len(files) // num_shards // batch_size
         self._pipe = self._build(list(files), list(labels), batch_size, image_size, crop, crop_pct,
-                                 shard_id, num_shards, device_id, num_threads, seed)
+                                 shard_id, num_shards, device_id, num_threads, seed, auto_augment)
 
     def _build(self, files, labels, batch_size, size, crop, crop_pct, shard_id, num_shards,
-               device_id, num_threads, seed):
+               device_id, num_threads, seed, auto_augment):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device == "gpu"
 
+        # Conditionals only when a policy needs them, so the plain graph stays exactly as it was.
         @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
-                      seed=seed, prefetch_queue_depth=2)
+                      seed=seed, prefetch_queue_depth=2, enable_conditionals=auto_augment is not None)
         def pipe():
             data, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                           random_shuffle=False, pad_last_batch=True, name="Reader")
@@ -93,8 +103,13 @@ class DaliLoader:
             else:
                 img = fn.decoders.image(data, device=dec, output_type=types.RGB)
                 img = fn.resize(img, resize_shorter=round(size / crop_pct))
-            img = fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
-                                           mean=[0.0] * 3, std=[255.0] * 3)
+            if auto_augment is None:
+                img = fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
+                                               mean=[0.0] * 3, std=[255.0] * 3)
+            else:
+                img = _auto_augment(fn.crop(img, crop=(size, size)), auto_augment, size)
+                img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                               mean=[0.0] * 3, std=[255.0] * 3)
             return img, label.gpu() if gpu else label
 
         p = pipe()
@@ -108,6 +123,20 @@ class DaliLoader:
         for _ in range(self.batches):
             images, labels = self._pipe.run()
             yield _to_torch(images), _to_torch(labels).reshape(-1).long()
+
+
+def _auto_augment(img, name: str, size: int):
+    """RandAugment (n=2, m=9, the paper's ImageNet setting) or TrivialAugment Wide on uint8 HWC.
+
+    ``shape`` makes translations relative to the (square) image, so they scale with ``size``
+    instead of DALI's absolute pixel defaults, which are meant for 224 px images. Random
+    choices draw their seeds from the pipeline's ``seed``, so a seeded loader repeats itself.
+    """
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+
+    if name == "randaugment":
+        return rand_augment.rand_augment(img, n=2, m=9, shape=(size, size))
+    return trivial_augment.trivial_augment_wide(img, shape=(size, size))
 
 
 def _to_torch(tl) -> Tensor:

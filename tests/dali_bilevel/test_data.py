@@ -28,3 +28,33 @@ def test_lists_are_whole_batches():
     assert len(sl) == 8 and set(sl.labels) == {0, 1, 2}
     with pytest.raises(ValueError, match="--batch-size 16 is larger"):
         train_list(files, labels, np.arange(10), global_batch=16)
+
+
+@pytest.mark.parametrize("name", ["randaugment", "trivialaugment"])
+def test_auto_augment_only_on_the_train_stream(shapes_dir, monkeypatch, name):
+    """RandAugment/TrivialAugment go to the classifier's batches, never to validation or evaluation."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import dali_bilevel.data as data
+    from dali_bilevel.config import TrainConfig
+
+    built: list[str | None] = []
+
+    def fake_loader(*args, auto_augment=None, **kw):
+        built.append(auto_augment)
+        return [(torch.zeros(8, 3, 32, 32), torch.zeros(8))]
+
+    monkeypatch.setattr(data, "DaliLoader", fake_loader)
+    acc = SimpleNamespace(num_processes=1, process_index=0, local_process_index=0, device=torch.device("cpu"))
+    cfg = TrainConfig(data=str(shapes_dir), augment=name, batch_size=8, image_size=32, dali_device="cpu")
+    d = data.FolderData(cfg, acc, 0.2)
+    d.train_batches(0)
+    assert built == [name]
+    d.val_batches(0, 2)
+    d.eval_splits(0)
+    d.grid_images()
+    assert len(built) == 5 and built[1:] == [None] * 4  # validation stream, val + test evaluation, grid
+    with pytest.raises(ValueError, match=f"--augment {name} .*needs --loader dali, not --loader torch"):
+        data.FolderData(TrainConfig(data=str(shapes_dir), augment=name, loader="torch"), acc, 0.0)

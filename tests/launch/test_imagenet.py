@@ -43,7 +43,7 @@ def test_learned_run_writes_metrics_and_grid(shapes_dir, tmp_path, loader):
         (["--output", "x"], "the following arguments are required: --data"),
         (["--data", "/nonexistent/dir"], "error: --data: /nonexistent/dir: no such directory"),
         (["--model", "resnet181"], "error: --model: unknown model name 'resnet181'; did you mean: resnet18"),
-        (["--augment", "magic"], "error: --augment: unknown mode 'magic'; choose learned, predefined, none or"),
+        (["--augment", "magic"], "error: --augment: unknown mode 'magic'; choose learned, predefined, none"),
         (["--batch-size", "4096"], "error: --batch-size 4096 is larger than the 38 training images"),
     ],
 )
