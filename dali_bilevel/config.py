@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-AUGMENT_MODES = ("learned", "predefined", "none", "randaugment", "trivialaugment")
+AUGMENT_MODES = ("learned", "predefined", "none", "stn", "randaugment", "trivialaugment")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -49,7 +49,8 @@ class TrainConfig:
                               choices=("no", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels-last memory format for the classifier and its inputs")
     # augmentation
-    augment: str = _f("learned", "augmentation: learned, predefined, none, randaugment or trivialaugment (peer "
+    augment: str = _f("learned", "augmentation: learned, predefined, none, stn (STN-invariant: the augmenter follows "
+                      "the training loss and is applied at test time too), randaugment or trivialaugment (peer "
                       "baselines: DALI's RandAugment n=2 m=9 / TrivialAugment Wide on the train images, "
                       "--loader dali only), or frozen:PATH (a trained augmenter.pt applied as a fixed "
                       "augmentation, with no hypergradient)")
@@ -57,12 +58,23 @@ class TrainConfig:
     flip: str = _f("h", "predefined flips, applied in every mode but none: h, v, hv or none",
                    choices=("none", "h", "v", "hv"))
     translate_px: int = _f(0, "predefined mode: random translation of up to this many pixels")
+    rotate_deg: float = _f(0.0, "predefined mode: random rotation of up to this many degrees (with --scale-range, "
+                           "the paper's histology affine; translation then is continuous)")
+    scale_range: str = _f("1,1", "predefined mode: isotropic zoom drawn log-uniformly in LO,HI (histology: 0.5,2)")
+    color_jitter: float = _f(0.0, "predefined mode: brightness, contrast and saturation factors in 1 +- this "
+                             "(AutoAugment's range: 0.9)")
+    affine_magnitude: float = _f(0.0, "predefined mode: random affine, each entry of A - I uniform in +- this "
+                                 "(the validated-magnitude baseline; 0.25 = 4 px shifts at 32 px)")
+    holdout: float = _f(0.0, "baselines: hold out this share of the training set as one fixed validation split "
+                        "(its accuracy is logged as val_acc, for choosing hyper-parameters such as a magnitude)")
     aug_size: str = _f("small", "augmenter MLP size", choices=("small", "medium", "large"))
     aug_optimizer: str = _f("adam", "augmenter optimizer", choices=("adam", "sgd"))
     aug_lr: float = _f(1e-3, "augmenter learning rate")
     aug_momentum: float = _f(0.9, "augmenter SGD momentum")
     aug_weight_decay: float = _f(0.0, "augmenter weight decay")
     center_hidden: bool = _f(True, "centre the augmenter's last hidden features over the batch")
+    aug_init_translate_px: float = _f(0.0, "start the learned augmenter as a uniform random translation of +- "
+                                      "this many pixels through a learnable noise path (0: start at identity)")
     padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
     hypergrad: str = _f("exact", "hypergradient: exact double backward (switches to finite difference, with a "
                         "warning, if the model has an op without double backward) or finite difference",
@@ -84,6 +96,18 @@ class TrainConfig:
         if self.augment not in AUGMENT_MODES and not self.augment.startswith("frozen:"):
             raise ValueError(f"--augment: unknown mode {self.augment!r}; choose "
                              f"{', '.join(AUGMENT_MODES)} or frozen:PATH")
+        try:
+            lo, hi = (float(v) for v in self.scale_range.split(","))
+        except ValueError:
+            raise ValueError(f"--scale-range: expected LO,HI, got {self.scale_range!r}") from None
+        if not 0 < lo <= hi:
+            raise ValueError(f"--scale-range: need 0 < LO <= HI, got {self.scale_range!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+
+    def scales(self) -> tuple[float, float]:
+        lo, hi = (float(v) for v in self.scale_range.split(","))
+        return lo, hi
 
     def resolved_train_crop(self) -> str:
         if self.train_crop != "auto":

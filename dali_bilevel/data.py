@@ -60,6 +60,16 @@ def split_train_val(n: int, val_fraction: float, seed: int, epoch: int) -> tuple
     return perm[n_val:], perm[:n_val]
 
 
+def epoch_split(n: int, val_fraction: float, seed: int, epoch: int, redraw: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The learned augmenter's split is re-drawn every epoch (`split_train_val`); a baseline's
+    ``--holdout`` is one fixed split, so its accuracy can choose a hyper-parameter honestly,
+    while the training order is still shuffled every epoch."""
+    if redraw or val_fraction == 0:
+        return split_train_val(n, val_fraction, seed, epoch)
+    tr, va = split_train_val(n, val_fraction, seed, 0)
+    return epoch_rng(seed, epoch, 3).permutation(tr), va
+
+
 def take(files: Sequence[str], labels: Sequence[int], idx: np.ndarray) -> FileList:
     return FileList([files[i] for i in idx], [int(labels[i]) for i in idx])
 
@@ -158,7 +168,7 @@ class FolderData:
                 resolve_device("gpu")  # raises when no CUDA device is usable
 
     def _split(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return split_train_val(len(self.train), self.val_fraction, self.cfg.seed, epoch)
+        return epoch_split(len(self.train), self.val_fraction, self.cfg.seed, epoch, self.cfg.augment == "learned")
 
     def loader(self, flist: FileList, train: bool, seed: int, batch: int | None = None, shard: bool = True):
         """This process's loader over a pre-arranged list (contiguous shard per process)."""

@@ -32,9 +32,9 @@ from dali_bilevel.data import (
     FileList,
     dali_device,
     epoch_rng,
+    epoch_split,
     eval_list,
     shard_order,
-    split_train_val,
     stream_list,
     take,
     train_list,
@@ -70,6 +70,10 @@ class TileConfig(TrainConfig):
     test_fraction: float = _f(0.25, "share of the images held out for testing (whole slides with --split-by slide)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.augment in ("randaugment", "trivialaugment"):
+            raise ValueError(f"--augment {self.augment}: not available for tiles (the tile pipeline has no "
+                             "DALI auto-augmentation); use predefined, learned, stn or none")
         if self.image_size not in (0, self.tile_size):
             raise ValueError(f"--image-size {self.image_size}: tiles are --tile-size {self.tile_size} px; "
                              "set --tile-size instead")
@@ -165,7 +169,7 @@ class TileData:
                 resolve_device("gpu")
 
     def _split(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return split_train_val(len(self.train), self.val_fraction, self.cfg.seed, epoch)
+        return epoch_split(len(self.train), self.val_fraction, self.cfg.seed, epoch, self.cfg.augment == "learned")
 
     def loader(self, flist: FileList, positions: str, seed: int, images: int, groups: Sequence[int] | None = None,
                num_groups: int = 0, shard: bool = True):

@@ -32,6 +32,7 @@ from dali_bilevel.hypergrad import NoDoubleBackward, StepRecord, hypergradient, 
 from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes, random_flip, random_translate
 from models.augmenter import load_policy, save_policy
+from models.predefined import random_affine, random_affine_magnitude, random_color_jitter
 from pipelines.torch_loader import pil_flavour
 
 
@@ -218,6 +219,7 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     if acc.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     learned = cfg.augment == "learned"
+    stn = cfg.augment == "stn"  # Table 1's STN-invariant baseline: θ follows the *training* loss
     flip = cfg.flip if cfg.augment != "none" else "none"
     J, K = cfg.aug_period, cfg.unroll
 
@@ -226,10 +228,13 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         if J < 1 or not 1 <= K <= J:
             raise ValueError(f"--aug-period J={J} and --unroll K={K} need 1 <= K <= J")
         # Only the learned augmenter needs a validation split; baselines train on everything.
-        data = make_data(cfg, acc, cfg.val_fraction if learned else 0.0)
+        data = make_data(cfg, acc, cfg.val_fraction if learned else cfg.holdout)
         set_seed(cfg.seed)  # identical initial weights on every process
         model = create_backbone(cfg.model, len(data.classes), cfg.weights)
-        augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode) if learned else None
+        augmenter = None
+        if learned or stn:
+            augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode,
+                                  init_translate=2 * cfg.aug_init_translate_px / cfg.image_size)
         if cfg.augment.startswith("frozen:"):  # an exported policy, applied like a predefined one
             augmenter = load_policy(cfg.augment.split(":", 1)[1])
         resume_from = find_checkpoint(cfg.resume, out_dir)
@@ -240,16 +245,17 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     steps = data.steps_per_epoch()
-    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter if learned else None, steps * cfg.epochs, steps)
+    opt, sched, aug_opt = build_optimizers(cfg, model, augmenter if learned or stn else None, steps * cfg.epochs,
+                                           steps)
     model = acc.prepare(model)
     if augmenter is not None:
         augmenter.to(acc.device)
     unwrapped = acc.unwrap_model(model)
     params = [p for p in unwrapped.parameters() if p.requires_grad]
-    theta = list(augmenter.parameters()) if learned else []
+    theta = list(augmenter.parameters()) if learned or stn else []
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
     scaler = LossScaler(cfg.mixed_precision == "fp16")
-    modules = {"model": unwrapped, **({"augmenter": augmenter} if learned else {})}
+    modules = {"model": unwrapped, **({"augmenter": augmenter} if theta else {})}
     optims = {"opt": opt, "sched": sched, "scaler": scaler, **({"aug_opt": aug_opt} if aug_opt else {})}
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes,
                                "device": str(acc.device), "pil": pil_flavour(), "train_images": data.train_size,
@@ -310,16 +316,23 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
                         for p, g in zip(params, grads, strict=True):
                             p.grad = g  # the real step reuses the train gradient: no extra backward
                 else:
-                    with torch.no_grad():
+                    with torch.set_grad_enabled(stn):  # STN-invariant: θ joins ω on the training loss
                         x = augment_no_flip(x, augmenter, cfg)
                     with acc.autocast():
                         loss = F.cross_entropy(model(x), y)
                     acc.backward(loss * scaler.scale)
                     if scaler.enabled:
-                        for p in params:
+                        for p in [*params, *theta]:
                             if p.grad is not None:
                                 p.grad /= scaler.scale
-                    finite = all_finite(p.grad for p in params if p.grad is not None)
+                    if stn:  # the augmenter is not DDP-wrapped: average its gradients by hand
+                        for t, g in zip(theta, hyper_kw["reduce_mean"]([t.grad for t in theta]), strict=True):
+                            t.grad = g
+                    finite = all_finite(p.grad for p in [*params, *theta] if p.grad is not None)
+                if finite and stn:
+                    aug_opt.step()
+                if stn:
+                    aug_opt.zero_grad(set_to_none=True)
                 if finite:
                     opt.step()
                 else:  # an fp16 overflow: skip the step, back off the scale, drop the unroll
@@ -375,7 +388,9 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
 
             # ---- evaluate and log: the test split is only reported, never used for choices ----
             sync_buffers(unwrapped, acc)
-            scores = {name: evaluate(unwrapped, loader, acc) for name, loader in data.eval_splits(epoch).items()}
+            # STN-invariant applies its (noise-driven) augmenter at test time too.
+            net = nn.Sequential(augmenter, unwrapped) if stn else unwrapped
+            scores = {name: evaluate(net, loader, acc) for name, loader in data.eval_splits(epoch).items()}
             train_loss = acc.reduce(torch.tensor(sums["train_loss"] / max(1, steps), device=acc.device),
                                     "mean").item()
             done = steps - start
@@ -393,6 +408,7 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
             if learned:
                 row["aug_val_loss"] = sums["val_loss"] / max(1, sums["updates"] + sums["skipped"])
                 row["aug_updates"], row["aug_skipped_nonfinite"] = sums["updates"], sums["skipped"]
+            if theta:
                 with torch.no_grad():
                     row["aug_magnitudes"] = magnitudes(augmenter.sample_params(256), cfg.image_size)
             row["skipped_steps_nonfinite"] = sums["skipped_steps"]
@@ -411,7 +427,7 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
                 write_json(out_dir / "metrics.json", metrics)
             checkpoint(epoch + 1, 0, None)
     acc.wait_for_everyone()
-    if learned and acc.is_main_process:
+    if theta and acc.is_main_process:
         save_policy(augmenter, out_dir / "augmenter.pt")
     metrics["run_time_s"] = time.perf_counter() - t_run
     acc.end_training()
@@ -431,7 +447,14 @@ def augment_no_flip(x: Tensor, augmenter: nn.Module | None, cfg: TrainConfig) ->
     """The augmentation of a plain (non-unrolled) step; flips were already applied."""
     if augmenter is not None:
         return augmenter(x)
-    return random_translate(x, cfg.translate_px) if cfg.augment == "predefined" else x
+    if cfg.augment != "predefined":
+        return x
+    if cfg.rotate_deg or cfg.scales() != (1.0, 1.0):
+        x = random_affine(x, cfg.translate_px, cfg.rotate_deg, cfg.scales())
+    else:
+        x = random_translate(x, cfg.translate_px)
+    x = random_affine_magnitude(x, cfg.affine_magnitude)
+    return random_color_jitter(x, cfg.color_jitter)
 
 
 def epoch_summary(row: dict[str, Any], epochs: int) -> str:

@@ -22,27 +22,56 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Method name → the flags that define it (on top of the common ones).
+#: Method name → the flags that define it (on top of the common ones). ``{out}`` and ``{seed}`` are
+#: filled in, so a frozen-policy row can use the same seed's learned run.
 METHODS: dict[str, list[str]] = {
+    # ---- natural images (CIFAR) ----
     "none": ["--augment", "none"],
     "hflip": ["--augment", "predefined", "--flip", "h", "--train-crop", "center"],
     "predefined": ["--augment", "predefined", "--flip", "h", "--translate-px", "4", "--train-crop", "center"],
+    "predefined_color": ["--augment", "predefined", "--flip", "h", "--translate-px", "4", "--color-jitter", "0.9",
+                         "--train-crop", "center"],
+    "randaugment": ["--augment", "randaugment", "--flip", "h", "--train-crop", "center"],
+    "trivialaugment": ["--augment", "trivialaugment", "--flip", "h", "--train-crop", "center"],
+    "stn": ["--augment", "stn", "--transforms", "affine", "--flip", "h"],
     "learned_translation": ["--augment", "learned", "--transforms", "translation", "--flip", "h"],
     "learned_affine": ["--augment", "learned", "--transforms", "affine", "--flip", "h"],
     "learned_color": ["--augment", "learned", "--transforms", "color", "--flip", "h"],
     "learned_affine_color": ["--augment", "learned", "--transforms", "affine,color", "--flip", "h"],
     "learned_affine_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4"],
     "learned_affine_reuse": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0"],
+    "learned_affine_reuse_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0",
+                                "--aug-period", "4"],
     "learned_affine_fd": ["--augment", "learned", "--transforms", "affine", "--flip", "h",
                           "--hypergrad", "finite_difference"],
+    # The gap-closing variant (docs/results.md): start θ at the ±4 px prior, no hold-out, J=4.
+    "learned_prior": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0",
+                      "--aug-period", "4", "--aug-init-translate-px", "4"],
+    "learned_prior_holdout": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4",
+                              "--aug-init-translate-px", "4"],
+    "frozen_prior": ["--augment", "frozen:{out}/learned_prior_s{seed}/augmenter.pt", "--flip", "h"],
+    # ---- histology tiles (launch/bach.py) ----
+    "vflip": ["--augment", "predefined", "--flip", "v", "--train-crop", "center"],
+    "hist_predefined": ["--augment", "predefined", "--flip", "hv", "--translate-px", "4", "--rotate-deg", "10",
+                        "--scale-range", "0.5,2"],
+    "hist_predefined_color": ["--augment", "predefined", "--flip", "hv", "--translate-px", "4", "--rotate-deg", "10",
+                              "--scale-range", "0.5,2", "--color-jitter", "0.9"],
+    "hist_learned": ["--augment", "learned", "--transforms", "affine,color", "--flip", "hv"],
 }
 
+#: The validated-magnitude baseline: a random affine whose one magnitude is chosen by accuracy on
+#: a fixed 20% hold-out (never the test set), then retrained on all training data.
+VALIDATED_GRID = (0.05, 0.1, 0.2, 0.3)
+VALIDATED = "validated"
 
-def run_one(data: str, out: Path, method: str, seed: int, common: list[str], log) -> dict:
+
+def run_one(data: str, out: Path, method: str, seed: int, common: list[str], log, script: str = "imagenet",
+            flags: list[str] | None = None) -> dict:
     run_dir = out / f"{method}_s{seed}"
     metrics = run_dir / "metrics.json"
-    cmd = [sys.executable, str(ROOT / "launch" / "imagenet.py"), "--data", data, "--output", str(run_dir),
-           "--seed", str(seed), "--no-progress", *common, *METHODS[method]]
+    flags = [f.format(out=out, seed=seed) for f in (METHODS[method] if flags is None else flags)]
+    cmd = [sys.executable, str(ROOT / "launch" / f"{script}.py"), "--data", data, "--output", str(run_dir),
+           "--seed", str(seed), "--no-progress", *common, *flags]
     if metrics.exists():
         m = json.loads(metrics.read_text())
         if len(m["epochs"]) == m["config"]["epochs"]:
@@ -57,6 +86,23 @@ def run_one(data: str, out: Path, method: str, seed: int, common: list[str], log
     m = json.loads(metrics.read_text())
     log(f"{method} seed {seed}: test acc {m['test_acc']:.2f} in {time.perf_counter() - t:.0f} s")
     return m
+
+
+def run_validated(data: str, out: Path, seed: int, common: list[str], log, script: str,
+                  select_seed: int | None) -> dict:
+    """Choose the magnitude on the hold-out of ``select_seed`` (default: this seed), then train on all data."""
+    sel = seed if select_seed is None else select_seed
+    base = ["--augment", "predefined", "--flip", "h", "--train-crop", "center"]
+    val = {}
+    for m in VALIDATED_GRID:
+        r = run_one(data, out, f"validated_m{m}_holdout", sel, common, log, script,
+                    [*base, "--affine-magnitude", str(m), "--holdout", "0.2"])
+        val[m] = r["epochs"][-1]["val_acc"]
+    best = max(VALIDATED_GRID, key=lambda m: val[m])
+    log(f"validated seed {seed}: hold-out accuracy {val} (seed {sel}) → magnitude {best}")
+    r = run_one(data, out, VALIDATED, seed, common, log, script, [*base, "--affine-magnitude", str(best)])
+    r["chosen_magnitude"], r["holdout_acc"] = best, {str(k): v for k, v in val.items()}
+    return r
 
 
 def table(out: Path, results: dict[str, list[dict]], seeds: list[int]) -> str:
@@ -77,6 +123,11 @@ def table(out: Path, results: dict[str, list[dict]], seeds: list[int]) -> str:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    for method, ms in results.items():
+        if any("chosen_magnitude" in m for m in ms):
+            lines.append(f"\n{method}: magnitude chosen on the hold-out: "
+                         + ", ".join(f"seed {s}: {m['chosen_magnitude']} (hold-out acc {m['holdout_acc']})"
+                                     for s, m in zip(seeds, ms, strict=True)))
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     return md
@@ -88,14 +139,19 @@ def main() -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
-    p.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--methods", required=True,
+                   help=f"comma-separated, from: {', '.join([*METHODS, VALIDATED])}")
+    p.add_argument("--script", default="imagenet", choices=("imagenet", "bach"),
+                   help="launch/imagenet.py (ImageFolder) or launch/bach.py (histology tiles)")
+    p.add_argument("--select-seed", type=int, default=None,
+                   help="validated: choose the magnitude on this seed's hold-out for every seed (saves runs)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != VALIDATED]
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join([*METHODS, VALIDATED])}")
     seeds = [int(s) for s in a.seeds.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +162,12 @@ def main() -> int:
         with open(out / "runner.log", "a") as fh:
             fh.write(line + "\n")
 
-    results = {m: [run_one(a.data, out, m, s, common, log) for s in seeds] for m in methods}
+    def run(m: str, s: int) -> dict:
+        if m == VALIDATED:
+            return run_validated(a.data, out, s, common, log, a.script, a.select_seed)
+        return run_one(a.data, out, m, s, common, log, a.script)
+
+    results = {m: [run(m, s) for s in seeds] for m in methods}
     print(table(out, results, seeds))
     return 0
 

@@ -116,6 +116,33 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
     return out
 
 
+def prior_layer(families: Sequence[str], noise_dim: int, n: int, translate: float) -> nn.Linear:
+    """A learnable linear path from uniform noise to the outputs, started as the predefined
+    random translation: outputs tx, ty = ``translate`` · (u0, u1), u ~ U(-1, 1).
+
+    Why: from the identity the hypergradient grows variety only slowly (see docs/results.md);
+    starting at the hand-tuned prior lets the bilevel step keep, grow or shrink it.
+    """
+    if noise_dim < 2:
+        raise ValueError("--aug-init-translate-px needs a noise dimension of at least 2")
+    offsets, i = {}, 0
+    for f in families:
+        offsets[f] = i
+        i += FAMILY_SIZES[f]
+    if "affine" in offsets:
+        rows = (offsets["affine"] + 2, offsets["affine"] + 5)  # last column of the 2x3 residual
+    elif "translation" in offsets:
+        rows = (offsets["translation"], offsets["translation"] + 1)
+    else:
+        raise ValueError("--aug-init-translate-px needs the affine or translation transform family")
+    layer = nn.Linear(noise_dim, n, bias=False)
+    nn.init.zeros_(layer.weight)
+    with torch.no_grad():
+        layer.weight[rows[0], 0] = translate
+        layer.weight[rows[1], 1] = translate
+    return layer
+
+
 class Augmenter(nn.Module):
     """Noise-driven MLP A_θ: z ~ N(0, I) per sample → transformation parameters.
 
@@ -131,6 +158,7 @@ class Augmenter(nn.Module):
         size: str = "small",
         center_hidden: bool = True,
         padding_mode: str = "zeros",
+        init_translate: float = 0.0,
     ) -> None:
         super().__init__()
         if size not in MLP_SIZES:
@@ -153,6 +181,10 @@ class Augmenter(nn.Module):
         self.center_hidden = center_hidden
         self.padding_mode = padding_mode
         self.size = size
+        self.init_translate = float(init_translate)
+        self.prior: nn.Linear | None = None
+        if init_translate:
+            self.prior = prior_layer(self.families, self.noise_dim, n, self.init_translate)
 
     def sample_noise(self, batch_size: int, device: torch.device | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -165,7 +197,10 @@ class Augmenter(nn.Module):
         h = self.body(z)
         if self.center_hidden and h.shape[0] > 1:
             h = h - h.mean(0, keepdim=True)
-        return split_params(self.head(h), self.families)
+        raw = self.head(h)
+        if self.prior is not None:
+            raw = raw + self.prior(torch.erf(z / math.sqrt(2)))  # erf(z/√2) ~ U(-1, 1)
+        return split_params(raw, self.families)
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         return apply_transform(x, self.sample_params(x.shape[0], noise), self.padding_mode)
@@ -173,11 +208,12 @@ class Augmenter(nn.Module):
     def spec(self) -> dict[str, object]:
         """What `from_spec` needs to rebuild this augmenter (saved beside its weights)."""
         return {"transforms": list(self.families), "size": self.size, "center_hidden": self.center_hidden,
-                "padding_mode": self.padding_mode}
+                "padding_mode": self.padding_mode, "init_translate": self.init_translate}
 
     @classmethod
     def from_spec(cls, spec: dict[str, object]) -> Augmenter:
-        return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]))
+        return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]),
+                   float(spec.get("init_translate", 0.0)))
 
 
 def save_policy(augmenter: Augmenter, path: str | Path) -> None:

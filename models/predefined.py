@@ -1,11 +1,15 @@
-"""Hand-set augmentations: the paper's predefined flips and the ±k px translation baseline.
+"""Hand-set augmentations: the paper's predefined flips, translation, histology affine and colour
+jitter, and the one-magnitude random affine of the validated-magnitude baseline.
 
 They are sampled outside the autograd graph: nothing here is learned.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.augmenter import apply_transform
@@ -37,3 +41,75 @@ def random_translate(x: Tensor, max_px: int, generator: torch.Generator | None =
     shift = torch.randint(-max_px, max_px + 1, (b, 2), device=x.device, generator=generator)
     scale = torch.tensor([2.0 / w, 2.0 / h], device=x.device)
     return apply_transform(x, {"translation": shift.to(x.dtype) * scale})
+
+
+@torch.no_grad()
+def random_affine(x: Tensor, translate_px: float = 0.0, rotate_deg: float = 0.0,
+                  scale: tuple[float, float] = (1.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
+    """The paper's predefined histology affine: shift ±px, rotate ±deg, isotropic scale in ``scale``.
+
+    The scale is drawn log-uniformly, so 0.5–2 zooms in as often as out. Bilinear, zero fill.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+
+    def u(n: int) -> Tensor:
+        return torch.rand(b, n, device=dev, generator=generator) * 2 - 1
+
+    lo, hi = math.log(scale[0]), math.log(scale[1])
+    s = torch.exp(lo + (hi - lo) * (u(1)[:, 0] + 1) / 2)
+    a = u(1)[:, 0] * math.radians(rotate_deg)
+    t = u(2) * translate_px * torch.tensor([2.0 / w, 2.0 / h], device=dev)
+    # Output pixel p samples the input at R(a) p / s + t: a zoom by s, rotated by a, shifted by t.
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    mat = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    return _warp(x, mat)
+
+
+@torch.no_grad()
+def random_affine_magnitude(x: Tensor, magnitude: float, generator: torch.Generator | None = None) -> Tensor:
+    """One-knob random affine: every entry of A − I (2x3, normalised units) uniform in ±magnitude.
+
+    The validated-magnitude baseline picks ``magnitude`` on the validation split; 0.25 shifts a
+    32 px image by up to 4 px. It spans the same family as the learned affine augmenter.
+    """
+    if magnitude <= 0:
+        return x
+    delta = (torch.rand(x.shape[0], 6, device=x.device, generator=generator) * 2 - 1) * magnitude
+    return apply_transform(x, {"affine": delta.to(x.dtype)})
+
+
+ENHANCE_OPS = ("brightness", "contrast", "color")
+
+
+def enhance(x: Tensor, op: str, factor: Tensor) -> Tensor:
+    """``PIL.ImageEnhance`` on a [0, 1] batch with per-image ``factor`` (B,): blend with black
+    (brightness), the mean grey level (contrast) or the grey image (color, i.e. saturation)."""
+    f = factor.to(x.dtype)[:, None, None, None]
+    grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3] if x.shape[1] == 3 else x
+    if op == "brightness":
+        base = torch.zeros_like(x)
+    elif op == "contrast":
+        base = grey.mean((1, 2, 3), keepdim=True).expand_as(x)
+    elif op == "color":
+        base = grey.expand_as(x)
+    else:
+        raise ValueError(f"unknown enhance op {op!r}; choose {', '.join(ENHANCE_OPS)}")
+    return (base + f * (x - base)).clamp(0, 1)
+
+
+@torch.no_grad()
+def random_color_jitter(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Brightness, contrast and colour (saturation), each with an enhance factor drawn uniformly
+    in 1 ± ``strength``, in a random order per batch. AutoAugment's range is 0.9."""
+    if strength <= 0:
+        return x
+    for i in torch.randperm(3, generator=generator).tolist():
+        f = 1 + (torch.rand(x.shape[0], device=x.device, generator=generator) * 2 - 1) * strength
+        x = enhance(x, ENHANCE_OPS[i], f)
+    return x
+
+
+def _warp(x: Tensor, mat: Tensor) -> Tensor:
+    grid = F.affine_grid(mat.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

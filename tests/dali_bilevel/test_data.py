@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dali_bilevel.data import PAD_LABEL, epoch_rng, eval_list, split_train_val, stream_list, train_list
+from dali_bilevel.data import PAD_LABEL, epoch_rng, epoch_split, eval_list, split_train_val, stream_list, train_list
 
 
 def test_validation_split_is_redrawn_each_epoch_and_disjoint():
@@ -15,6 +15,14 @@ def test_validation_split_is_redrawn_each_epoch_and_disjoint():
     assert len(tr) == 100 and len(va) == 100 and not np.array_equal(tr, va)
     with pytest.raises(ValueError, match="--val-fraction"):
         split_train_val(10, 1.0, 0, 0)
+
+
+def test_baseline_holdout_is_fixed_but_training_order_is_shuffled():
+    tr0, va0 = epoch_split(100, 0.2, seed=3, epoch=0, redraw=False)
+    tr1, va1 = epoch_split(100, 0.2, seed=3, epoch=1, redraw=False)
+    np.testing.assert_array_equal(va0, va1)  # one validation split for choosing a magnitude
+    assert set(tr0) == set(tr1) and not np.array_equal(tr0, tr1) and set(tr0).isdisjoint(va0)
+    assert set(epoch_split(100, 0.2, 3, 1, redraw=True)[1]) != set(va0)  # the learned augmenter's re-draw
 
 
 def test_lists_are_whole_batches():

@@ -86,3 +86,33 @@ def test_exported_policy_trains_a_plain_run(shapes_dir, tmp_path):
 def test_unknown_augment_mode_is_a_value_error():
     with pytest.raises(ValueError, match="--augment: unknown mode 'magic'"):
         TrainConfig(data="x", augment="magic")
+
+
+def test_stn_invariant_learns_from_the_training_loss_and_augments_the_test_set(shapes_dir, tmp_path, monkeypatch):
+    m = training_function(config(shapes_dir, tmp_path, augment="stn", transforms="affine", aug_lr=1e-2))
+    e = m["epochs"][0]
+    assert m["train_images"] == 48 and "aug_updates" not in e  # all data, no hypergradient
+    state = torch.load(tmp_path / "augmenter.pt", weights_only=True)
+    assert state["head.weight"].abs().sum() > 0  # θ moved on the training loss alone
+    seen = []
+    real = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda net, *a: seen.append(net) or real(net, *a))
+    training_function(config(shapes_dir, tmp_path / "again", augment="stn", transforms="affine"))
+    assert isinstance(seen[0][0], train_mod.Augmenter)  # applied at test time too
+
+
+def test_predefined_histology_affine_colour_and_holdout(shapes_dir, tmp_path):
+    m = training_function(config(shapes_dir, tmp_path, augment="predefined", flip="hv", translate_px=4,
+                                 rotate_deg=10, scale_range="0.5,2", color_jitter=0.9, holdout=0.25))
+    e = m["epochs"][0]
+    assert m["train_images"] == 36 and e["val_acc"] is not None  # 48 minus a fixed quarter, scored
+    with pytest.raises(ValueError, match="--scale-range"):
+        TrainConfig(data="x", scale_range="2")
+
+
+def test_prior_initialised_augmenter_starts_at_the_predefined_translation(shapes_dir, tmp_path):
+    m = training_function(config(shapes_dir, tmp_path, transforms="affine", aug_init_translate_px=4,
+                                 val_fraction=0.0))
+    mags = m["epochs"][0]["aug_magnitudes"]
+    # E|(tx, ty)| for tx, ty ~ U(-4, 4) px is about 3.06 px; one epoch of Adam 1e-3 barely moves it.
+    assert mags["translation_px"] == pytest.approx(3.06, abs=0.3)

@@ -99,6 +99,10 @@ def test_tile_data_errors(tmp_path):
         TileData(parse_config([*base, "--tile-size", "16", "--batch-size", "64"], TileConfig), acc(), 0.0)
     with pytest.raises(ValueError, match="--image-size 32: tiles are --tile-size 224"):
         parse_config([*base, "--image-size", "32"], TileConfig)
+    with pytest.raises(ValueError, match="--augment randaugment: not available for tiles"):
+        parse_config([*base, "--augment", "randaugment"], TileConfig)
+    with pytest.raises(ValueError, match="--augment: unknown mode 'magic'"):  # the parent's checks run too
+        parse_config([*base, "--augment", "magic"], TileConfig)
 
 
 def run_bach(args):

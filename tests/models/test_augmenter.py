@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,9 +8,11 @@ from models.augmenter import (
     MLP_SIZES,
     Augmenter,
     apply_transform,
+    load_policy,
     magnitudes,
     params_to_matrix,
     parse_transforms,
+    save_policy,
 )
 from models.predefined import random_flip, random_translate
 
@@ -115,3 +119,32 @@ def test_policy_export_roundtrip(tmp_path):
     torch.testing.assert_close(frozen(x, z), aug(x, z).detach())
     with pytest.raises(FileNotFoundError, match="frozen:"):
         load_policy(tmp_path / "missing.pt")
+
+
+def test_prior_init_is_the_predefined_translation():
+    torch.manual_seed(0)
+    t = 2 * 4 / 32  # ±4 px at 32 px
+    for families in ("affine", "translation", "affine,color"):
+        aug = Augmenter(families, init_translate=t)
+        with torch.no_grad():
+            p = aug.sample_params(20000)
+        mat = params_to_matrix(p)
+        shift = mat[:, :, 2]
+        assert shift.abs().max() <= t and shift.abs().max() > 0.99 * t
+        assert shift.std(0).tolist() == pytest.approx([t / math.sqrt(3)] * 2, rel=0.03)
+        assert torch.equal(mat[:, :, :2], torch.eye(2).expand_as(mat[:, :, :2]))
+        if "color" in p:
+            assert torch.equal(p["color"], torch.zeros_like(p["color"]))
+    aug = Augmenter("affine", init_translate=t)
+    aug(torch.rand(4, 3, 16, 16)).sum().backward()
+    assert aug.prior.weight.grad.abs().sum() > 0  # the prior is learned, not fixed
+    with pytest.raises(ValueError, match="affine or translation"):
+        Augmenter("color", init_translate=t)
+
+
+def test_prior_survives_policy_export(tmp_path):
+    aug = Augmenter("affine", init_translate=0.25)
+    save_policy(aug, tmp_path / "a.pt")
+    back = load_policy(tmp_path / "a.pt")
+    z = torch.randn(6, aug.noise_dim)
+    assert torch.equal(back.sample_params(6, z)["affine"], aug.sample_params(6, z)["affine"])
