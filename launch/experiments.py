@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,32 +108,90 @@ def run_validated(data: str, out: Path, seed: int, common: list[str], log, scrip
     return r
 
 
-def table(out: Path, results: dict[str, list[dict]], seeds: list[int]) -> str:
-    base = results.get("none")
+def timing(data: str, out: Path, methods: list[str], common: list[str], log, script: str, steps: int) -> str:
+    """Cost per classifier step of each method, measured back to back in one sweep (a fair ratio even
+    when the grid's own wall times shared the machine). Compute only: data waiting is excluded."""
+    tdir = out / "timing"
+    if tdir.exists():
+        shutil.rmtree(tdir)  # always measured afresh, side by side
+    tdir.mkdir(parents=True)
+    short = ["--epochs", "1", "--max-steps-per-epoch", str(steps), "--grid-every", "0", "--no-tensorboard"]
+    rows = {}
+    for m in methods:
+        flags = METHODS.get(m) or ["--augment", "predefined", "--flip", "h", "--train-crop", "center",
+                                   "--affine-magnitude", "0.15"]
+        if any("{out}" in f for f in flags):
+            continue  # a frozen policy costs what predefined costs; it needs a finished learned run
+        r = run_one(data, tdir, m, 0, [*common, *short], log, script, flags)
+        rows[m] = r["epochs"][0]["step_time_s"]
+    base = rows.get("none")
+    pre = rows.get("predefined")
+    lines = ["| method | s / step | vs none | vs predefined |", "|---|---|---|---|"]
+    for m, t in rows.items():
+        lines.append(f"| {m} | {t:.3f} | {t / base:.2f}x | {t / pre:.2f}x |" if base and pre else
+                     f"| {m} | {t:.3f} | {t / base if base else float('nan'):.2f}x | - |")
+    md = (f"Cost per classifier step, {steps} steps per method, run back to back on "
+          f"{platform.node()} ({os.cpu_count()} CPUs).\n\n" + "\n".join(lines) + "\n")
+    (out / "timing.md").write_text(md)
+    (out / "timing.json").write_text(json.dumps({"steps": steps, "step_time_s": rows}, indent=2))
+    return md
+
+
+def table(out: Path, results: dict[str, list[dict | None]], seeds: list[int]) -> str:
+    """Paper-style table: accuracy per seed and mean ± std (missing seeds shown as –), wall time
+    relative to none, and, when OUT/timing.json exists, the side-by-side cost per step."""
+    done = {m: [r for r in rs if r is not None] for m, rs in results.items()}
+    base = done.get("none")
     base_time = statistics.mean(m["wall_time_s"] for m in base) if base else None
-    rows, lines = [], ["| method | " + " / ".join(f"seed {s}" for s in seeds) + " | mean ± std | time vs none |",
-                       "|---|---|---|---|"]
-    for method, ms in results.items():
-        accs = [m["test_acc"] for m in ms]
+    cost = json.loads((out / "timing.json").read_text())["step_time_s"] if (out / "timing.json").exists() else {}
+    head = "| method | " + " / ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall vs none |"
+    lines = [head + (" step cost vs none |" if cost else ""), "|---|---|---|---|" + ("---|" if cost else "")]
+    rows = []
+    for method, rs in results.items():
+        accs = [r["test_acc"] for r in done[method]]
+        if not accs:
+            continue
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        wall = statistics.mean(m["wall_time_s"] for m in ms)
+        wall = statistics.mean(r["wall_time_s"] for r in done[method])
         ratio = f"{wall / base_time:.2f}x" if base_time else "-"
-        lines.append(f"| {method} | {' / '.join(f'{a:.1f}' for a in accs)} | {mean:.2f} ± {std:.2f} | {ratio} |")
-        rows.append({"method": method, **{f"seed_{s}": a for s, a in zip(seeds, accs, strict=True)},
-                     "mean": mean, "std": std, "wall_time_s": wall})
+        per_seed = " / ".join("–" if r is None else f"{r['test_acc']:.1f}" for r in rs)
+        line = f"| {method} | {per_seed} | {mean:.2f} ± {std:.2f} (n={len(accs)}) | {ratio} |"
+        if cost:
+            c = cost.get(method)
+            line += f" {c / cost['none']:.2f}x |" if c and cost.get("none") else " - |"
+        lines.append(line)
+        rows.append({"method": method, **{f"seed_{s}": (None if r is None else r["test_acc"])
+                                           for s, r in zip(seeds, rs, strict=True)},
+                     "mean": mean, "std": std, "n": len(accs), "wall_time_s": wall,
+                     "step_cost_vs_none": (cost[method] / cost["none"]) if method in cost and "none" in cost
+                     else None})
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    for method, ms in results.items():
-        if any("chosen_magnitude" in m for m in ms):
+    for method, rs in done.items():
+        if any("chosen_magnitude" in r for r in rs):
             lines.append(f"\n{method}: magnitude chosen on the hold-out: "
-                         + ", ".join(f"seed {s}: {m['chosen_magnitude']} (hold-out acc {m['holdout_acc']})"
-                                     for s, m in zip(seeds, ms, strict=True)))
+                         + ", ".join(f"{r['chosen_magnitude']} (hold-out acc {r['holdout_acc']})" for r in rs))
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     return md
+
+
+def existing(out: Path, method: str, seed: int) -> dict | None:
+    """A finished row's metrics, or None (for --table-only)."""
+    f = out / f"{method}_s{seed}" / "metrics.json"
+    if not f.exists():
+        return None
+    m = json.loads(f.read_text())
+    if len(m["epochs"]) != m["config"]["epochs"]:
+        return None
+    if method == VALIDATED:
+        m["chosen_magnitude"] = m["config"]["affine_magnitude"]
+        m["holdout_acc"] = {str(g): (existing(out, f"validated_m{g}_holdout", seed) or {}).get("epochs", [{}])[-1]
+                            .get("val_acc") for g in VALIDATED_GRID}
+    return m
 
 
 def main() -> int:
@@ -145,6 +206,11 @@ def main() -> int:
                    help="launch/imagenet.py (ImageFolder) or launch/bach.py (histology tiles)")
     p.add_argument("--select-seed", type=int, default=None,
                    help="validated: choose the magnitude on this seed's hold-out for every seed (saves runs)")
+    p.add_argument("--timing-steps", type=int, default=0,
+                   help="instead of the grid: run every method for this many steps, one after another, and "
+                        "write OUT/timing.{md,json} with the cost per step relative to none (run on an idle machine)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: tabulate the finished rows in OUT (missing seeds shown as –)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -167,7 +233,15 @@ def main() -> int:
             return run_validated(a.data, out, s, common, log, a.script, a.select_seed)
         return run_one(a.data, out, m, s, common, log, a.script)
 
-    results = {m: [run(m, s) for s in seeds] for m in methods}
+    if a.timing_steps:
+        print(timing(a.data, out, methods, common, log, a.script, a.timing_steps))
+        return 0
+    if a.table_only:
+        results = {m: [existing(out, m, s) for s in seeds] for m in methods}
+        if not any(r for rs in results.values() for r in rs):
+            p.error(f"--table-only: no finished runs of {methods} in {out}")
+    else:
+        results = {m: [run(m, s) for s in seeds] for m in methods}
     print(table(out, results, seeds))
     return 0
 

@@ -35,4 +35,23 @@ def test_grid_table_and_reproducible_rerun(shapes_dir, tmp_path):
     second = json.loads((tmp_path / "learned_affine_s0" / "metrics.json").read_text())
     assert second["test_acc"] == first["test_acc"]
     assert second["epochs"][0]["train_loss"] == first["epochs"][0]["train_loss"]
-    assert (tmp_path / "results.csv").read_text().startswith("method,seed_0,mean,std,wall_time_s")
+    assert (tmp_path / "results.csv").read_text().startswith("method,seed_0,mean,std,n,wall_time_s")
+
+
+@pytest.mark.slow
+def test_timing_sweep_and_table_only(shapes_dir, tmp_path):
+    def call(*extra):
+        cmd = [sys.executable, str(ROOT / "launch" / "experiments.py"), "--data", str(shapes_dir), "--out",
+               str(tmp_path), *extra, "--", *COMMON]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    out = call("--methods", "none,predefined,learned_affine_j4", "--timing-steps", "4")
+    t = json.loads((tmp_path / "timing.json").read_text())["step_time_s"]
+    assert set(t) == {"none", "predefined", "learned_affine_j4"} and all(v > 0 for v in t.values())
+    assert "| none |" in out and "1.00x | " in out
+    call("--methods", "none", "--seeds", "0")
+    table = call("--methods", "none,predefined", "--seeds", "0,1", "--table-only")
+    assert "| none | " in table and " / – |" in table and "(n=1)" in table  # seed 1 not run: shown, not invented
+    assert "| predefined |" not in table.split("step cost")[1]  # no finished predefined row to report
