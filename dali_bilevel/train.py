@@ -217,7 +217,9 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, project_dir=str(out_dir),
                       log_with="tensorboard" if cfg.tensorboard else None)
     if acc.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
+        # Intra-op threads per process; DALI_BILEVEL_THREADS overrides (e.g. 1 for concurrent runs).
+        torch.set_num_threads(int(os.environ.get("DALI_BILEVEL_THREADS", 0))
+                              or max(1, (os.cpu_count() or 1) // acc.num_processes))
     learned = cfg.augment == "learned"
     stn = cfg.augment == "stn"  # Table 1's STN-invariant baseline: θ follows the *training* loss
     flip = cfg.flip if cfg.augment != "none" else "none"
