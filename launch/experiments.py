@@ -41,6 +41,8 @@ METHODS: dict[str, list[str]] = {
     "learned_affine": ["--augment", "learned", "--transforms", "affine", "--flip", "h"],
     "learned_color": ["--augment", "learned", "--transforms", "color", "--flip", "h"],
     "learned_affine_color": ["--augment", "learned", "--transforms", "affine,color", "--flip", "h"],
+    "learned_affine_color_reuse": ["--augment", "learned", "--transforms", "affine,color", "--flip", "h",
+                                   "--val-fraction", "0"],
     "learned_affine_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4"],
     "learned_affine_reuse": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0"],
     "learned_affine_reuse_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0",
