@@ -147,7 +147,10 @@ def table(out: Path, results: dict[str, list[dict | None]], seeds: list[int]) ->
     base_time = statistics.mean(m["wall_time_s"] for m in base) if base else None
     cost = json.loads((out / "timing.json").read_text())["step_time_s"] if (out / "timing.json").exists() else {}
     head = "| method | " + " / ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall vs none |"
-    lines = [head + (" step cost vs none |" if cost else ""), "|---|---|---|---|" + ("---|" if cost else "")]
+    images = any("test_image_acc" in r["epochs"][-1] for rs in done.values() for r in rs)  # tiles: per image too
+    head += " per-image acc, mean ± std |" if images else ""
+    head += " step cost vs none |" if cost else ""
+    lines = [head, "|---|---|---|---|" + ("---|" if images else "") + ("---|" if cost else "")]
     rows = []
     for method, rs in results.items():
         accs = [r["test_acc"] for r in done[method]]
@@ -159,6 +162,9 @@ def table(out: Path, results: dict[str, list[dict | None]], seeds: list[int]) ->
         ratio = f"{wall / base_time:.2f}x" if base_time else "-"
         per_seed = " / ".join("–" if r is None else f"{r['test_acc']:.1f}" for r in rs)
         line = f"| {method} | {per_seed} | {mean:.2f} ± {std:.2f} (n={len(accs)}) | {ratio} |"
+        if images:
+            ia = [r["epochs"][-1].get("test_image_acc", float("nan")) for r in done[method]]
+            line += f" {statistics.mean(ia):.1f} ± {statistics.stdev(ia) if len(ia) > 1 else 0.0:.1f} |"
         if cost:
             c = cost.get(method)
             line += f" {c / cost['none']:.2f}x |" if c and cost.get("none") else " - |"
