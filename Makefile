@@ -23,7 +23,7 @@ demo: install
 	$(PY) launch/imagenet.py --data .demo_data/shapes --output runs/demo \
 	  --model cifar_resnet18_w16 --image-size 32 --crop-pct 1 --batch-size 64 --epochs 8 \
 	  --lr 0.05 --weight-decay 5e-4 --nesterov --schedule onecycle \
-	  --augment learned --transforms affine,color --flip h --loader dali --workers 2 --seed 0
+	  --augment learned --transforms affine,color --flip h --val-fraction 0 --loader dali --workers 2 --seed 0
 	@$(PY) -c "import json; m = json.load(open('runs/demo/metrics.json')); \
 	  print('demo: test accuracy per epoch', [round(e['test_acc'], 1) for e in m['epochs']]); \
 	  print('demo: outputs in runs/demo (metrics.json, augmentations_epochNNN.png, augmenter.pt)')"
