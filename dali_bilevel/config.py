@@ -76,6 +76,8 @@ class TrainConfig:
     aug_init_translate_px: float = _f(0.0, "start the learned augmenter as a uniform random translation of +- "
                                       "this many pixels through a learnable noise path (0: start at identity)")
     padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
+    warp_mode: str = _f("bilinear", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
+                        choices=("bilinear", "bicubic"))
     hypergrad: str = _f("exact", "hypergradient: exact double backward (switches to finite difference, with a "
                         "warning, if the model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))

@@ -236,7 +236,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         augmenter = None
         if learned or stn:
             augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode,
-                                  init_translate=2 * cfg.aug_init_translate_px / cfg.image_size)
+                                  init_translate=2 * cfg.aug_init_translate_px / cfg.image_size,
+                                  warp_mode=cfg.warp_mode)
         if cfg.augment.startswith("frozen:"):  # an exported policy, applied like a predefined one
             augmenter = load_policy(cfg.augment.split(":", 1)[1])
         resume_from = find_checkpoint(cfg.resume, out_dir)
