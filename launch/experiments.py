@@ -54,6 +54,8 @@ METHODS: dict[str, list[str]] = {
                       "--aug-period", "4", "--aug-init-translate-px", "4"],
     "learned_prior_bicubic": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0",
                               "--aug-period", "4", "--aug-init-translate-px", "4", "--warp-mode", "bicubic"],
+    "learned_affine_j4_bicubic": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4",
+                                  "--warp-mode", "bicubic"],
     "learned_prior_holdout": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4",
                               "--aug-init-translate-px", "4"],
     "frozen_prior": ["--augment", "frozen:{out}/learned_prior_s{seed}/augmenter.pt", "--flip", "h"],
