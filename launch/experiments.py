@@ -66,6 +66,8 @@ METHODS: dict[str, list[str]] = {
     "hist_predefined_color": ["--augment", "predefined", "--flip", "hv", "--translate-px", "4", "--rotate-deg", "10",
                               "--scale-range", "0.5,2", "--color-jitter", "0.9"],
     "hist_learned": ["--augment", "learned", "--transforms", "affine,color", "--flip", "hv"],
+    "hist_learned_reuse": ["--augment", "learned", "--transforms", "affine,color", "--flip", "hv",
+                           "--val-fraction", "0", "--warp-mode", "bicubic"],
 }
 
 #: The validated-magnitude baseline: a random affine whose one magnitude is chosen by accuracy on
