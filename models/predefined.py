@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.augmenter import apply_transform
@@ -63,7 +62,8 @@ def random_affine(x: Tensor, translate_px: float = 0.0, rotate_deg: float = 0.0,
     # Output pixel p samples the input at R(a) p / s + t: a zoom by s, rotated by a, shifted by t.
     cos, sin = torch.cos(a) / s, torch.sin(a) / s
     mat = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
-    return _warp(x, mat)
+    residual = mat - torch.eye(2, 3, device=dev)  # apply_transform's parametrisation: A - I
+    return apply_transform(x, {"affine": residual.reshape(b, 6).to(x.dtype)})
 
 
 @torch.no_grad()
@@ -108,8 +108,3 @@ def random_color_jitter(x: Tensor, strength: float, generator: torch.Generator |
         f = 1 + (torch.rand(x.shape[0], device=x.device, generator=generator) * 2 - 1) * strength
         x = enhance(x, ENHANCE_OPS[i], f)
     return x
-
-
-def _warp(x: Tensor, mat: Tensor) -> Tensor:
-    grid = F.affine_grid(mat.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
