@@ -185,7 +185,6 @@ class FolderData:
             auto = cfg.augment if train and cfg.augment in AUTO_AUGMENTS else None
             return DaliLoader(flist.files, flist.labels, device=dali_device(cfg, acc),
                               device_id=acc.local_process_index, num_threads=cfg.workers, auto_augment=auto, **kw)
-        check_auto_augment(cfg)  # the torchvision loader has no RandAugment/TrivialAugment: never drop it silently
         return TorchLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
 
     def steps_per_epoch(self) -> int:

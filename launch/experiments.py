@@ -74,6 +74,7 @@ METHODS: dict[str, list[str]] = {
 #: a fixed 20% hold-out (never the test set), then retrained on all training data.
 VALIDATED_GRID = (0.05, 0.15, 0.3)
 VALIDATED = "validated"
+VALIDATED_FLAGS = ["--augment", "predefined", "--flip", "h", "--train-crop", "center"]  # + --affine-magnitude M
 
 
 def run_one(data: str, out: Path, method: str, seed: int, common: list[str], log, script: str = "imagenet",
@@ -103,15 +104,14 @@ def run_validated(data: str, out: Path, seed: int, common: list[str], log, scrip
                   select_seed: int | None) -> dict:
     """Choose the magnitude on the hold-out of ``select_seed`` (default: this seed), then train on all data."""
     sel = seed if select_seed is None else select_seed
-    base = ["--augment", "predefined", "--flip", "h", "--train-crop", "center"]
     val = {}
     for m in VALIDATED_GRID:
         r = run_one(data, out, f"validated_m{m}_holdout", sel, common, log, script,
-                    [*base, "--affine-magnitude", str(m), "--holdout", "0.2"])
+                    [*VALIDATED_FLAGS, "--affine-magnitude", str(m), "--holdout", "0.2"])
         val[m] = r["epochs"][-1]["val_acc"]
     best = max(VALIDATED_GRID, key=lambda m: val[m])
     log(f"validated seed {seed}: hold-out accuracy {val} (seed {sel}) → magnitude {best}")
-    r = run_one(data, out, VALIDATED, seed, common, log, script, [*base, "--affine-magnitude", str(best)])
+    r = run_one(data, out, VALIDATED, seed, common, log, script, [*VALIDATED_FLAGS, "--affine-magnitude", str(best)])
     r["chosen_magnitude"], r["holdout_acc"] = best, {str(k): v for k, v in val.items()}
     return r
 
@@ -126,8 +126,7 @@ def timing(data: str, out: Path, methods: list[str], common: list[str], log, scr
     short = ["--epochs", "1", "--max-steps-per-epoch", str(steps), "--grid-every", "0", "--no-tensorboard"]
     rows = {}
     for m in methods:
-        flags = METHODS.get(m) or ["--augment", "predefined", "--flip", "h", "--train-crop", "center",
-                                   "--affine-magnitude", "0.15"]
+        flags = METHODS.get(m) or [*VALIDATED_FLAGS, "--affine-magnitude", str(VALIDATED_GRID[1])]
         if any("{out}" in f for f in flags):
             continue  # a frozen policy costs what predefined costs; it needs a finished learned run
         r = run_one(data, tdir, m, 0, [*common, *short], log, script, flags)
