@@ -44,6 +44,12 @@ METHODS: dict[str, list[str]] = {
     "learned_affine_color_reuse": ["--augment", "learned", "--transforms", "affine,color", "--flip", "h",
                                    "--val-fraction", "0"],
     "learned_affine_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4"],
+    # The transform families at J=4 (a third of J=1's cost; J=4 matched J=1 on affine, docs/results.md).
+    "learned_translation_j4": ["--augment", "learned", "--transforms", "translation", "--flip", "h",
+                               "--aug-period", "4"],
+    "learned_color_j4": ["--augment", "learned", "--transforms", "color", "--flip", "h", "--aug-period", "4"],
+    "learned_affine_color_j4": ["--augment", "learned", "--transforms", "affine,color", "--flip", "h",
+                                "--aug-period", "4"],
     "learned_affine_reuse": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0"],
     "learned_affine_reuse_j4": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--val-fraction", "0",
                                 "--aug-period", "4"],
