@@ -65,6 +65,7 @@ METHODS: dict[str, list[str]] = {
     "learned_prior_holdout": ["--augment", "learned", "--transforms", "affine", "--flip", "h", "--aug-period", "4",
                               "--aug-init-translate-px", "4"],
     "frozen_prior": ["--augment", "frozen:{out}/learned_prior_s{seed}/augmenter.pt", "--flip", "h"],
+    "frozen_prior_bicubic": ["--augment", "frozen:{out}/learned_prior_bicubic_s{seed}/augmenter.pt", "--flip", "h"],
     # ---- histology tiles (launch/bach.py) ----
     "vflip": ["--augment", "predefined", "--flip", "v", "--train-crop", "center"],
     "hist_predefined": ["--augment", "predefined", "--flip", "hv", "--translate-px", "4", "--rotate-deg", "10",
