@@ -134,8 +134,11 @@ def timing(data: str, out: Path, methods: list[str], common: list[str], log, scr
     rows = {}
     for m in methods:
         flags = METHODS.get(m) or [*VALIDATED_FLAGS, "--affine-magnitude", str(VALIDATED_GRID[1])]
-        if any("{out}" in f for f in flags):
-            continue  # a frozen policy costs what predefined costs; it needs a finished learned run
+        flags = [f.format(out=out, seed=0) for f in flags]  # a frozen row uses the grid's seed-0 policy
+        missing = [f.split(":", 1)[1] for f in flags if f.startswith("frozen:") and not Path(f[7:]).is_file()]
+        if missing:
+            log(f"timing: skipping {m}; its policy {missing[0]} is not trained yet")
+            continue
         r = run_one(data, tdir, m, 0, [*common, *short], log, script, flags)
         rows[m] = r["epochs"][0]["step_time_s"]
     base = rows.get("none")

@@ -47,10 +47,16 @@ def test_timing_sweep_and_table_only(shapes_dir, tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         return r.stdout
 
-    out = call("--methods", "none,predefined,learned_affine_j4", "--timing-steps", "4")
+    out = call("--methods", "none,predefined,learned_affine_j4,frozen_prior", "--timing-steps", "4")
     t = json.loads((tmp_path / "timing.json").read_text())["step_time_s"]
     assert set(t) == {"none", "predefined", "learned_affine_j4"} and all(v > 0 for v in t.values())
     assert "| none |" in out and "1.00x | " in out
+    assert "skipping frozen_prior" in out  # its policy is not trained yet: said, not silently dropped
+    policy = tmp_path / "learned_prior_s0"  # a trained policy where the frozen row looks for it
+    shutil.copytree(tmp_path / "timing" / "learned_affine_j4_s0", policy)
+    call("--methods", "none,frozen_prior", "--timing-steps", "4")
+    t = json.loads((tmp_path / "timing.json").read_text())["step_time_s"]
+    assert set(t) == {"none", "frozen_prior"} and t["frozen_prior"] > 0  # a frozen policy is measured too
     call("--methods", "none", "--seeds", "0")
     table = call("--methods", "none,predefined", "--seeds", "0,1", "--table-only")
     assert "| none | " in table and " / – |" in table and "(n=1)" in table  # seed 1 not run: shown, not invented
