@@ -195,15 +195,18 @@ def table(out: Path, results: dict[str, list[dict | None]], seeds: list[int]) ->
         w.writerows(rows)
     for method, rs in done.items():
         if any("chosen_magnitude" in r for r in rs):
-            lines.append(f"\n{method}: magnitude chosen on the hold-out: "
-                         + ", ".join(f"{r['chosen_magnitude']} (hold-out acc {r['holdout_acc']})" for r in rs))
+            held = ", ".join(f"{g}: {'–' if v is None else f'{v:.1f}'}" for g, v in rs[0]["holdout_acc"].items())
+            lines.append(f"\n{method}: magnitude chosen on the hold-out, per seed: "
+                         + ", ".join(str(r["chosen_magnitude"]) for r in rs)
+                         + f" (first seed's hold-out accuracy: {held})")
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     return md
 
 
-def existing(out: Path, method: str, seed: int) -> dict | None:
-    """A finished row's metrics, or None (for --table-only)."""
+def existing(out: Path, method: str, seed: int, select_seed: int | None = None) -> dict | None:
+    """A finished row's metrics, or None (for --table-only). A validated row's hold-out runs are
+    looked up under ``select_seed`` when the grid chose every seed's magnitude there."""
     f = out / f"{method}_s{seed}" / "metrics.json"
     if not f.exists():
         return None
@@ -212,7 +215,8 @@ def existing(out: Path, method: str, seed: int) -> dict | None:
         return None
     if method == VALIDATED:
         m["chosen_magnitude"] = m["config"]["affine_magnitude"]
-        m["holdout_acc"] = {str(g): (existing(out, f"validated_m{g}_holdout", seed) or {}).get("epochs", [{}])[-1]
+        sel = seed if select_seed is None else select_seed
+        m["holdout_acc"] = {str(g): (existing(out, f"validated_m{g}_holdout", sel) or {}).get("epochs", [{}])[-1]
                             .get("val_acc") for g in VALIDATED_GRID}
     return m
 
@@ -260,7 +264,7 @@ def main() -> int:
         print(timing(a.data, out, methods, common, log, a.script, a.timing_steps))
         return 0
     if a.table_only:
-        results = {m: [existing(out, m, s) for s in seeds] for m in methods}
+        results = {m: [existing(out, m, s, a.select_seed) for s in seeds] for m in methods}
         if not any(r for rs in results.values() for r in rs):
             p.error(f"--table-only: no finished runs of {methods} in {out}")
     else:

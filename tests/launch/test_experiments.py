@@ -61,3 +61,22 @@ def test_timing_sweep_and_table_only(shapes_dir, tmp_path):
     table = call("--methods", "none,predefined", "--seeds", "0,1", "--table-only")
     assert "| none | " in table and " / – |" in table and "(n=1)" in table  # seed 1 not run: shown, not invented
     assert "| predefined |" not in table.split("step cost")[1]  # no finished predefined row to report
+
+
+def test_table_only_validated_reads_the_selecting_seeds_hold_out(tmp_path):
+    """--table-only with --select-seed: seeds 1 and 2 report the hold-out accuracies seed 0 chose by."""
+    def write(name, acc, magnitude=None, val=None):
+        (tmp_path / name).mkdir()
+        m = {"config": {"epochs": 1, "affine_magnitude": magnitude}, "test_acc": acc, "wall_time_s": 1.0,
+             "epochs": [{"test_acc": acc, "val_acc": val}]}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+
+    for g, v in zip((0.05, 0.15, 0.3), (58.8, 58.6, 51.8), strict=True):
+        write(f"validated_m{g}_holdout_s0", 50.0, g, v)
+    for s, acc in enumerate((63.1, 62.9, 62.4)):
+        write(f"validated_s{s}", acc, 0.05)
+    cmd = [sys.executable, str(ROOT / "launch" / "experiments.py"), "--data", "unused", "--out", str(tmp_path),
+           "--methods", "validated", "--seeds", "0,1,2", "--select-seed", "0", "--table-only"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "| validated | 63.1 / 62.9 / 62.4 | 62.80 ± 0.36 (n=3) |" in out
+    assert "per seed: 0.05, 0.05, 0.05 (first seed's hold-out accuracy: 0.05: 58.8, 0.15: 58.6, 0.3: 51.8)" in out
