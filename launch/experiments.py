@@ -135,7 +135,8 @@ def timing(data: str, out: Path, methods: list[str], common: list[str], log, scr
     for m in methods:
         flags = METHODS.get(m) or [*VALIDATED_FLAGS, "--affine-magnitude", str(VALIDATED_GRID[1])]
         flags = [f.format(out=out, seed=0) for f in flags]  # a frozen row uses the grid's seed-0 policy
-        missing = [f.split(":", 1)[1] for f in flags if f.startswith("frozen:") and not Path(f[7:]).is_file()]
+        policies = [f.removeprefix("frozen:") for f in flags if f.startswith("frozen:")]
+        missing = [pth for pth in policies if not Path(pth).is_file()]
         if missing:
             log(f"timing: skipping {m}; its policy {missing[0]} is not trained yet")
             continue
