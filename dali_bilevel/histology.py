@@ -13,6 +13,10 @@ Splits never put tiles of one image on both sides:
   (``--val-fraction``), as for `dali_bilevel.data.FolderData`.
 
 ``--batch-size`` counts tiles: a step takes ``batch_size / tiles_per_image`` images.
+
+``--augment randaugment|trivialaugment`` (or ``--base-augment`` under ``learned``/``stn``) runs DALI's
+policy on every training tile, each with its own draws (`pipelines.tiles.DaliTileLoader`, ``--loader
+dali`` only); the augmenter's validation stream and the evaluation grids stay clean.
 """
 
 from __future__ import annotations
@@ -28,12 +32,22 @@ import torch
 
 from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import (
+    EVAL_STREAM,
+    TRAIN_STREAM,
+    VAL_STREAM,
     Batch,
     FileList,
+    check_auto_augment,
     dali_device,
+    dali_threads,
     epoch_rng,
     epoch_split,
     eval_list,
+    eval_val_due,
+    load_scans,
+    loader_seed,
+    local_processes,
+    scan_on_main,
     shard_order,
     stream_list,
     take,
@@ -41,7 +55,8 @@ from dali_bilevel.data import (
 )
 from pipelines.dali import dali_import_error, resolve_device
 from pipelines.folder import DataError, FolderIndex
-from pipelines.scan import scan_split
+from pipelines.scan import SplitScan, checked_index, scan_report
+from pipelines.scan_cache import cache_dir
 from pipelines.tiles import DaliTileLoader, TorchTileLoader, grid_shape
 
 if TYPE_CHECKING:
@@ -71,9 +86,6 @@ class TileConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.augment in ("randaugment", "trivialaugment"):
-            raise ValueError(f"--augment {self.augment}: not available for tiles (the tile pipeline has no "
-                             "DALI auto-augmentation); use predefined, learned, stn or none")
         if self.image_size not in (0, self.tile_size):
             raise ValueError(f"--image-size {self.image_size}: tiles are --tile-size {self.tile_size} px; "
                              "set --tile-size instead")
@@ -122,6 +134,23 @@ def split_by_group(keys: Sequence[str], labels: Sequence[int], test_fraction: fl
                     f"--test-fraction {test_fraction}; use --split-by image, another --test-fraction or more data")
 
 
+def scan_tiles(cfg: TileConfig, acc: Accelerator) -> FolderIndex:
+    """``DIR/<class>/<image>``, every file checked, scanned once for all processes (`scan_on_main`)."""
+    cache = cache_dir(cfg.scan_cache)
+
+    def run() -> tuple[FolderIndex, list[SplitScan]]:
+        scan = scan_report(cfg.data, cache=cache)
+        return checked_index(scan, cfg.skip_unreadable), [scan]
+
+    def load(refs: list[tuple[str, str, str]]) -> FolderIndex | None:
+        got = load_scans(refs, cfg.skip_unreadable)
+        return got[0] if got else None
+
+    if not Path(cfg.data).is_dir():  # on every process, before any collective
+        raise DataError(f"{Path(cfg.data)}: no such directory")
+    return scan_on_main(acc, run, load)
+
+
 def subset(index: FolderIndex, idx: np.ndarray) -> FolderIndex:
     return FolderIndex(index.root, index.classes, tuple(index.files[i] for i in idx),
                        tuple(index.labels[i] for i in idx), tuple(index.shapes[i] for i in idx))
@@ -131,6 +160,7 @@ class TileData:
     """`dali_bilevel.data.BilevelData` over tiles of ``DIR/<class>/<image>`` (DALI or torchvision)."""
 
     def __init__(self, cfg: TileConfig, acc: Accelerator, val_fraction: float) -> None:
+        check_auto_augment(cfg)  # --augment/--base-augment randaugment|trivialaugment run in the DALI graph
         self.cfg, self.acc, self.val_fraction = cfg, acc, val_fraction
         k, t = cfg.tiles_per_image, cfg.tile_size
         if k < 1:
@@ -138,7 +168,7 @@ class TileData:
         if cfg.batch_size % (k * acc.num_processes):
             raise ValueError(f"--batch-size {cfg.batch_size} (tiles) must be a multiple of --tiles-per-image {k} "
                              f"x {acc.num_processes} process(es)")
-        index = scan_split(cfg.data, skip_unreadable=cfg.skip_unreadable)
+        index = scan_tiles(cfg, acc)
         small = [(f, s) for f, s in zip(index.files, index.shapes, strict=True) if min(s) < t]
         if small:
             raise DataError(f"{small[0][0]}: {small[0][1][0]}x{small[0][1][1]} px is smaller than --tile-size {t}"
@@ -161,6 +191,9 @@ class TileData:
         rows, cols = grid_shape(max(h for h, _ in index.shapes), max(w for _, w in index.shapes), t,
                                 cfg.eval_stride or t)
         self.eval_images_per_proc = max(1, cfg.batch_size // acc.num_processes // (rows * cols))
+        self._shapes = dict(zip(self.train.files + self.test.files, self.train.shapes + self.test.shapes, strict=True))
+        self._live: dict[str, tuple[int, Any]] = {}  # as FolderData: one loader per role, released before the next
+        self._grid: torch.Tensor | None = None
         if cfg.loader == "dali":  # fail now, not in the first epoch, when DALI or the GPU is missing
             err = dali_import_error()
             if err:
@@ -172,24 +205,48 @@ class TileData:
         return epoch_split(len(self.train), self.val_fraction, self.cfg.seed, epoch, self.cfg.augment == "learned")
 
     def loader(self, flist: FileList, positions: str, seed: int, images: int, groups: Sequence[int] | None = None,
-               num_groups: int = 0, shard: bool = True):
-        """This process's tile loader over a pre-arranged image list (contiguous shard per process)."""
+               num_groups: int = 0, shard: bool = True, train: bool = False):
+        """This process's tile loader over a pre-arranged image list (contiguous shard per process). ``train``:
+        the classifier's stream, the only one the DALI policy (`TrainConfig.loader_policy`) is applied to."""
         cfg, acc = self.cfg, self.acc
         if shard:  # global batch t is flist[t*B:(t+1)*B] whatever the number of processes
             pos = list(range(len(flist)))
             perm = shard_order(FileList(pos, pos), images, acc.num_processes).labels
             flist = FileList([flist.files[i] for i in perm], [flist.labels[i] for i in perm])
             groups = [groups[i] for i in perm] if groups is not None else None
-        shapes = dict(zip(self.train.files + self.test.files, self.train.shapes + self.test.shapes, strict=True))
         kw: dict[str, Any] = dict(
             images_per_batch=images, tile_size=cfg.tile_size, positions=positions, tiles_per_image=cfg.tiles_per_image,
-            stride=cfg.eval_stride, groups=groups, num_groups=num_groups, shapes=[shapes[f] for f in flist.files],
+            stride=cfg.eval_stride, groups=groups, num_groups=num_groups, shapes=[self._shapes[f] for f in flist.files],
             shard_id=acc.process_index if shard else 0, num_shards=acc.num_processes if shard else 1, seed=seed,
         )
         if cfg.loader == "dali":
-            return DaliTileLoader(flist.files, flist.labels, device=dali_device(cfg, acc),
-                                  device_id=acc.local_process_index, num_threads=cfg.workers, **kw)
-        return TorchTileLoader(flist.files, flist.labels, device=acc.device, num_workers=cfg.workers, **kw)
+            device = dali_device(cfg, acc)
+            auto = cfg.loader_policy() if train else None  # never on validation streams or evaluation grids
+            return DaliTileLoader(flist.files, flist.labels, device=device, auto_augment=auto,
+                                  num_threads=dali_threads(cfg.workers, device, local_processes(acc)), **kw)
+        workers = dali_threads(cfg.workers, "cpu", local_processes(acc))
+        return TorchTileLoader(flist.files, flist.labels, device=acc.device, num_workers=workers, **kw)
+
+    def _seed(self, epoch: int, stream: int) -> int:
+        return loader_seed(self.cfg.seed, epoch, stream, self.acc.process_index)
+
+    def _swap(self, role: str, epoch: int, make: Any) -> Any:
+        """As `dali_bilevel.data.FolderData._swap`."""
+        self.release(role, *(r for r, (e, _) in self._live.items() if e < epoch))
+        loader = make()
+        self._live[role] = (epoch, loader)
+        return loader
+
+    def loaders(self) -> dict[str, Any]:
+        """The loaders alive now, by role ("train", "stream", "val", "test")."""
+        return {role: loader for role, (_, loader) in self._live.items()}
+
+    def release(self, *roles: str) -> None:
+        """Shut down the loaders of these roles (all when none given) now."""
+        for role in roles or tuple(self._live):
+            _, old = self._live.pop(role, (0, None))
+            if old is not None:
+                old.close()
 
     def steps_per_epoch(self) -> int:
         return self._steps
@@ -200,38 +257,53 @@ class TileData:
         b = self.images_per_step
         flist = train_list(self.train.files, self.train.labels, tr, b)
         lo, hi = start * b, self._steps * b
-        return self.loader(FileList(flist.files[lo:hi], flist.labels[lo:hi]), "random", self.cfg.seed * 1000 + epoch,
-                           b // self.acc.num_processes)
+        return self._swap("train", epoch, lambda: self.loader(FileList(flist.files[lo:hi], flist.labels[lo:hi]),
+                                                              "random", self._seed(epoch, TRAIN_STREAM),
+                                                              b // self.acc.num_processes, train=True))
 
-    def val_batches(self, epoch: int, n_batches: int, start: int = 0) -> Iterator[Batch]:
-        """The augmenter's validation stream of random tiles: ``n_batches`` batches, from ``start`` on."""
+    def val_batches(self, epoch: int, n_batches: int, start: int = 0, share: float = 1.0) -> Iterator[Batch]:
+        """The augmenter's validation stream of random tiles: ``n_batches`` batches, from ``start`` on, of
+        ``share`` of a step's images (at least one per process)."""
         _, va = self._split(epoch)
-        b = self.images_per_step
+        n = self.acc.num_processes
+        b = max(n, round(share * self.images_per_step / n) * n)
         flist = stream_list(self.train.files, self.train.labels, va, n_batches * b, epoch_rng(self.cfg.seed, epoch, 2))
         flist = FileList(flist.files[start * b :], flist.labels[start * b :])
         if not len(flist):
             return iter(())
-        return iter(self.loader(flist, "random", self.cfg.seed * 1000 + epoch + 500, b // self.acc.num_processes))
+        return iter(self._swap("stream", epoch, lambda: self.loader(flist, "random", self._seed(epoch, VAL_STREAM),
+                                                                    b // self.acc.num_processes)))
 
     def _grid_loader(self, split: FolderIndex | FileList, shard: bool = True):
         per = self.eval_images_per_proc
         n = len(split.files)
         flist = eval_list(split.files, split.labels, per * (self.acc.num_processes if shard else 1))
         groups = list(range(n)) + [n - 1] * (len(flist) - n)
-        return self.loader(flist, "grid", 0, per, groups=groups, num_groups=n, shard=shard)
+        return self.loader(flist, "grid", self._seed(0, EVAL_STREAM), per, groups=groups, num_groups=n, shard=shard)
 
     def eval_splits(self, epoch: int) -> dict[str, Iterable[Batch]]:
+        """As `dali_bilevel.data.FolderData.eval_splits`: "test" (one loader for the run), "val" when due."""
+        self.release("train", "stream", "val")
         out: dict[str, Iterable[Batch]] = {}
-        if self.val_fraction > 0:
-            out["val"] = self._grid_loader(take(self.train.files, self.train.labels, self._split(epoch)[1]))
-        out["test"] = self._grid_loader(self.test)
+        holdout = self.cfg.augment != "learned" and self.cfg.holdout > 0
+        if self.val_fraction > 0 and eval_val_due(epoch, self.cfg.epochs, self.cfg.eval_val_every, holdout):
+            va = take(self.train.files, self.train.labels, self._split(epoch)[1])
+            out["val"] = self._swap("val", epoch, lambda: self._grid_loader(va))
+        if "test" not in self._live:
+            self._live["test"] = (1 << 62, self._grid_loader(self.test))
+        out["test"] = self._live["test"][1]
         return out
 
     def grid_images(self) -> torch.Tensor:
-        """8 test tiles for the augmentation grid (main process): the first grid tile of each image first."""
-        n = min(8, len(self.test))
-        flist = take(self.test.files, self.test.labels, np.linspace(0, len(self.test) - 1, n).round().astype(int))
-        x, *_ = next(iter(self.loader(flist, "grid", 0, n, shard=False)))
-        k = x.shape[0] // n
-        order = torch.arange(x.shape[0]).reshape(n, k).T.reshape(-1)  # tile 0 of every image, then tile 1, ...
-        return x[order[:8]]
+        """8 test tiles for the augmentation grid (main process): the first grid tile of each image first;
+        read once."""
+        if self._grid is None:
+            n = min(8, len(self.test))
+            flist = take(self.test.files, self.test.labels, np.linspace(0, len(self.test) - 1, n).round().astype(int))
+            loader = self.loader(flist, "grid", 0, n, shard=False)
+            x, *_ = next(iter(loader))
+            loader.close()
+            k = x.shape[0] // n
+            order = torch.arange(x.shape[0]).reshape(n, k).T.reshape(-1)  # tile 0 of every image, then tile 1, ...
+            self._grid = x[order[:8]]
+        return self._grid

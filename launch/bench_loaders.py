@@ -1,8 +1,11 @@
 """Loader throughput: DALI (GPU, CPU) against torchvision + PIL on the same files and transform.
 
-    python launch/bench_loaders.py --data ../shared/data/imagenet_sample --mode train --json out.json
-    python launch/bench_loaders.py --data ../shared/data/ucsb_breast_tiff --mode tiles --json out.json --append
+    python launch/bench_loaders.py --data ../shared/data/imagenet_sample --mode train --out out.json
+    python launch/bench_loaders.py --data ../shared/data/ucsb_breast_tiff --mode tiles --out out.json --append
     python launch/bench_loaders.py --data DIR --devices gpu,cpu          # on a GPU machine
+
+``--out PATH`` writes the JSON report, as in the other benchmarks (``launch/bench_step.py``,
+``launch/bench_scan.py``); ``--json`` is its deprecated old name.
 
 Every loader gets the same file list (all images under ``--data``, cycled to whole batches), the
 same transform (``train``: random-resized crop to 224; ``eval``: resize 256 + centre crop 224;
@@ -224,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=4, help="batches per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs")
     p.add_argument("--pil-label", default="", help="name of the PIL build in the torch row (default: detected)")
-    p.add_argument("--json", default="", help="write (or with --append, extend) this JSON report")
-    p.add_argument("--append", action="store_true", help="add this run's rows to an existing --json report")
+    p.add_argument("--out", "--json", dest="out", default="",
+                   help="write (or with --append, extend) this JSON report (--json: deprecated name)")
+    p.add_argument("--append", action="store_true", help="add this run's rows to an existing --out report")
     p.add_argument("--md", default="", help="also write the table as markdown here")
     p.add_argument("--dali-stages", action="store_true", help="train mode: also time DALI CPU graph prefixes")
     a = p.parse_args(argv)
@@ -239,17 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             for device in (devices if kind == "dali" else devices[:1])]
     print(f"measuring {runs} on {len(files)} files ...", file=sys.stderr, flush=True)
     results = measure(runs, files, a)
-    config = {k: v for k, v in vars(a).items() if k not in ("json", "append", "md", "pil_label")}
+    config = {k: v for k, v in vars(a).items() if k not in ("out", "append", "md", "pil_label")}
     config["files"] = len(files)
     report = {"machine": machine(), "benchmarks": {a.mode: {"config": config, "results": results}}}
     if a.dali_stages and a.mode == "train":
         report["benchmarks"]["dali_stages"] = {"config": config, "images_per_s": dali_stages(files, a)}
-    if a.append and a.json and Path(a.json).exists():
-        old = json.loads(Path(a.json).read_text())
+    if a.append and a.out and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())
         bench = old["benchmarks"].setdefault(a.mode, {"config": config, "results": []})
         same = ("batch_size", "threads", "image_size", "tiles_per_image", "files")
         if any(bench["config"][k] != config[k] for k in same):
-            p.error(f"--append: the {a.mode} benchmark in {a.json} used other settings ({', '.join(same)})")
+            p.error(f"--append: the {a.mode} benchmark in {a.out} used other settings ({', '.join(same)})")
         bench["results"] += results
         if "dali_stages" in report["benchmarks"]:
             old["benchmarks"]["dali_stages"] = report["benchmarks"]["dali_stages"]
@@ -258,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         report = old
     md = markdown(report)
     print(md)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     if a.md:
         Path(a.md).parent.mkdir(parents=True, exist_ok=True)
         Path(a.md).write_text(md + "\n")

@@ -94,17 +94,24 @@ class TorchLoader:
         n = len(files) // num_shards
         lo = shard_id * n
         ds = FileListDataset(files[lo : lo + n], labels[lo : lo + n], build_transform(image_size, crop, crop_pct))
-        self.device = torch.device(device)
-        self._loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                  pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                  generator=torch.Generator().manual_seed(seed))
+        self.device, self.seed = torch.device(device), seed
+        self.batches = n // batch_size
+        self._loader: DataLoader | None = DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return self.batches
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._loader is None:
+            raise RuntimeError("this loader was closed; build a new one")
         for x, y in self._loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Drop the DataLoader (its workers end with its last iterator), like `DaliLoader.close`."""
+        self._loader = None
 
 
 def pil_flavour() -> str:

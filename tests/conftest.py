@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ from dali_bilevel.demo_data import make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scan_cache_in_a_temp_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Runs cache their file scans under $XDG_CACHE_HOME: keep the tests' out of the user's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +37,7 @@ def shared(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data {path} is not on this machine (it lives in the workplace's shared/data)")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; `-m cuda` selects them)")

@@ -39,7 +39,7 @@ def test_lists_are_whole_batches():
 
 
 @pytest.mark.parametrize("name", ["randaugment", "trivialaugment"])
-def test_auto_augment_only_on_the_train_stream(shapes_dir, monkeypatch, name):
+def test_auto_augment_only_on_the_train_stream(shapes_dir, tmp_path, name):
     """RandAugment/TrivialAugment go to the classifier's batches, never to validation or evaluation."""
     from types import SimpleNamespace
 
@@ -47,22 +47,20 @@ def test_auto_augment_only_on_the_train_stream(shapes_dir, monkeypatch, name):
 
     import dali_bilevel.data as data
     from dali_bilevel.config import TrainConfig
+    from pipelines import DaliLoader
 
-    built: list[str | None] = []
-
-    def fake_loader(*args, auto_augment=None, **kw):
-        built.append(auto_augment)
-        return [(torch.zeros(8, 3, 32, 32), torch.zeros(8))]
-
-    monkeypatch.setattr(data, "DaliLoader", fake_loader)
     acc = SimpleNamespace(num_processes=1, process_index=0, local_process_index=0, device=torch.device("cpu"))
-    cfg = TrainConfig(data=str(shapes_dir), augment=name, batch_size=8, image_size=32, dali_device="cpu")
+    cfg = TrainConfig(data=str(shapes_dir), augment=name, batch_size=8, image_size=32, crop_pct=1.0, workers=1,
+                      dali_device="cpu", eval_val_every=1, scan_cache=str(tmp_path))
     d = data.FolderData(cfg, acc, 0.2)
-    d.train_batches(0)
-    assert built == [name]
+    assert d.train_batches(0).auto_augment == name
     d.val_batches(0, 2)
-    d.eval_splits(0)
-    d.grid_images()
-    assert len(built) == 5 and built[1:] == [None] * 4  # validation stream, val + test evaluation, grid
+    assert d.loaders()["stream"].auto_augment is None
+    splits = d.eval_splits(0)
+    assert set(splits) == {"val", "test"} and [s.auto_augment for s in splits.values()] == [None, None]
+    idx = [int(i) for i in np.linspace(0, len(d.test) - 1, 8)]
+    plain, _ = next(iter(DaliLoader([d.test.files[i] for i in idx], [0] * 8, batch_size=8, image_size=32,
+                                    crop_pct=1.0, device="cpu")))
+    assert torch.equal(d.grid_images(), plain)  # the grid shows the images as decoded, not auto-augmented
     with pytest.raises(ValueError, match=f"--augment {name} .*needs --loader dali, not --loader torch"):
         data.FolderData(TrainConfig(data=str(shapes_dir), augment=name, loader="torch"), acc, 0.0)

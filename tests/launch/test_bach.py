@@ -99,10 +99,39 @@ def test_tile_data_errors(tmp_path):
         TileData(parse_config([*base, "--tile-size", "16", "--batch-size", "64"], TileConfig), acc(), 0.0)
     with pytest.raises(ValueError, match="--image-size 32: tiles are --tile-size 224"):
         parse_config([*base, "--image-size", "32"], TileConfig)
-    with pytest.raises(ValueError, match="--augment randaugment: not available for tiles"):
-        parse_config([*base, "--augment", "randaugment"], TileConfig)
+    with pytest.raises(ValueError, match="--augment randaugment runs in the DALI pipeline; it needs --loader dali, "
+                                         "not --loader torch"):
+        TileData(parse_config([*base, "--augment", "randaugment"], TileConfig), acc(), 0.0)
+    with pytest.raises(ValueError, match="--base-augment trivialaugment runs in the DALI pipeline"):
+        TileData(parse_config([*base, "--augment", "learned", "--base-augment", "trivialaugment"], TileConfig), acc(),
+                 0.25)
     with pytest.raises(ValueError, match="--augment: unknown mode 'magic'"):  # the parent's checks run too
         parse_config([*base, "--augment", "magic"], TileConfig)
+
+
+@pytest.mark.parametrize(("augment", "base"), [("randaugment", "none"), ("learned", "trivialaugment")])
+def test_tile_auto_augment_only_on_the_train_stream(tmp_path, augment, base):
+    """The DALI policy goes to the classifier's random tiles, never to the augmenter's validation stream, the
+    evaluation grids or the augmentation grid's tiles."""
+    root = write_tiffs(tmp_path / "data", {"a": {"s1": 2, "s2": 2}, "b": {"s1": 2, "s2": 2}}, shape=(40, 56))
+    cfg = parse_config(["--data", str(root), "--loader", "dali", "--dali-device", "cpu", "--workers", "1",
+                        "--augment", augment, "--base-augment", base, "--tile-size", "16", "--tiles-per-image", "2",
+                        "--batch-size", "4", "--split-by", "image", "--test-fraction", "0.5", "--eval-val-every", "1",
+                        "--scan-cache", str(tmp_path / "cache")], TileConfig)
+    policy = cfg.loader_policy()
+    assert policy == (augment if base == "none" else base)
+    data = TileData(cfg, acc(), 0.5)
+    train = data.train_batches(0)
+    assert train.auto_augment == policy and train.positions == "random"
+    x, y, g = next(iter(train))
+    assert x.shape == (4, 3, 16, 16) and y.tolist()[::2] == y.tolist()[1::2] and g.tolist()[::2] == g.tolist()[1::2]
+    next(data.val_batches(0, 1))
+    assert data.loaders()["stream"].auto_augment is None
+    splits = data.eval_splits(0)
+    assert set(splits) == {"val", "test"} and [s.auto_augment for s in splits.values()] == [None, None]
+    ref = torch.from_numpy(tifffile.imread(data.test.files[0])[:16, :16]).permute(2, 0, 1)
+    assert torch.equal((data.grid_images()[0] * 255).round().to(torch.uint8), ref)  # tile 0 of image 0, as decoded
+    data.release()
 
 
 def run_bach(args):
@@ -112,7 +141,7 @@ def run_bach(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("loader", "augment"), [("dali", "learned"), ("torch", "predefined")])
+@pytest.mark.parametrize(("loader", "augment"), [("dali", "learned"), ("torch", "predefined"), ("dali", "randaugment")])
 def test_bach_end_to_end(tmp_path, loader, augment):
     root = write_tiffs(tmp_path / "data", {"benign": {"b1": 1, "b2": 1}, "malignant": {"m1": 1, "m2": 1}})
     out = tmp_path / "out"
@@ -134,3 +163,9 @@ def test_bach_user_errors_are_one_line(tmp_path):
     r = run_bach(["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no such directory"
+    root = write_tiffs(tmp_path / "data", {"benign": {"b1": 1, "b2": 1}, "malignant": {"m1": 1, "m2": 1}})
+    r = run_bach(["--data", str(root), "--output", str(tmp_path / "o"), "--augment", "randaugment",
+                  "--loader", "torch"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: --augment randaugment runs in the DALI pipeline; it needs "
+                                                 "--loader dali, not --loader torch")

@@ -1,10 +1,12 @@
-"""Tile loaders: every tile is exactly the crop of a tifffile decode at its anchor; labels, groups, shards."""
+"""Tile loaders: every tile is exactly the crop of a tifffile decode at its anchor; labels, groups, shards;
+DALI's RandAugment/TrivialAugment on training tiles, drawn per tile."""
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 
+from pipelines.dali import AUTO_AUGMENTS
 from pipelines.tiles import DaliTileLoader, TorchTileLoader, grid_anchors, grid_shape, random_anchors
 from tests.conftest import shared
 
@@ -114,3 +116,67 @@ def test_real_histology_tiffs_decode_exactly():
                 assert torch.equal(tiles[b, k], ref[:, y : y + 224, x : x + 224])
                 seen += 1
     assert seen == 24
+
+
+def reference_crops(files, anchors, pos, t=32) -> torch.Tensor:
+    """``(B, K, 3, t, t)`` uint8: the tifffile crops at the loader's anchors."""
+    refs = [torch.from_numpy(tifffile.imread(files[p])).permute(2, 0, 1) for p in pos.tolist()]
+    return torch.stack([torch.stack([r[:, y : y + t, x : x + t] for y, x in a.tolist()]) for r, a in zip(refs, anchors,
+                                                                                                     strict=True)])
+
+
+def policy_tiles(files, name, seed, **kw) -> list[tuple[torch.Tensor, ...]]:
+    return list(make(DaliTileLoader, files, positions="random", tiles_per_image=8, seed=seed, auto_augment=name,
+                     device="cpu", **kw).raw_batches())
+
+
+@pytest.mark.parametrize("name", AUTO_AUGMENTS)
+def test_auto_augment_changes_random_tiles_and_is_seeded(tiffs, name):
+    got = policy_tiles(tiffs, name, seed=5)
+    assert [p for *_, pos in got for p in pos.tolist()] == [0, 1, 2, 3]
+    changed = []
+    for tiles, anchors, valid, pos in got:
+        assert tiles.shape == (2, 8, 3, 32, 32) and tiles.dtype == torch.float32
+        assert 0.0 <= tiles.min() and tiles.max() <= 1.0 and valid.all()
+        # still 8-bit samples scaled to [0, 1]: the policy runs on the uint8 tiles before normalisation
+        assert torch.allclose(tiles * 255, (tiles * 255).round(), atol=1e-3)
+        u8 = (tiles * 255).round().to(torch.uint8)
+        changed += (u8 != reference_crops(tiffs, anchors, pos)).flatten(2).any(-1).flatten().tolist()
+    assert sum(changed) > len(changed) / 2, changed  # an identity-like draw may leave a tile, not most of them
+    again = policy_tiles(tiffs, name, seed=5)
+    assert all(torch.equal(a, b) for x, y in zip(got, again, strict=True) for a, b in zip(x, y, strict=True))
+    other = policy_tiles(tiffs, name, seed=6)
+    assert not any(torch.equal(x[0], y[0]) for x, y in zip(got, other, strict=True))
+
+
+@pytest.fixture(scope="module")
+def one_tile_images(tmp_path_factory):
+    """4 TIFFs of exactly one 32 px tile: every random tile of an image is the same crop until the policy."""
+    d = tmp_path_factory.mktemp("one_tile")
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(4):
+        f = d / f"t{i}.tif"
+        tifffile.imwrite(f, rng.integers(40, 200, (32, 32, 3), dtype=np.uint8), photometric="rgb")
+        files.append(str(f))
+    return files
+
+
+@pytest.mark.parametrize("name", AUTO_AUGMENTS)
+def test_auto_augment_draws_per_tile_not_per_image(one_tile_images, name):
+    """The 8 tiles of an image are one crop (anchor (0, 0)); one draw shared by the image would leave them
+    all equal, as DALI's policy does to the frames of one FHWC sample."""
+    plain = policy_tiles(one_tile_images, None, seed=3)
+    assert all(torch.equal(t, t[:, :1].expand_as(t)) for t, *_ in plain)  # the premise: identical crops
+    for tiles, anchors, *_ in policy_tiles(one_tile_images, name, seed=3):
+        assert (anchors == 0).all()
+        for image in tiles:
+            distinct = len({tuple(tile.flatten().tolist()) for tile in (image * 255).round().to(torch.uint8)})
+            assert distinct >= 4, (name, distinct)  # of 8 tiles; 1 if the image's tiles shared a draw
+
+
+def test_auto_augment_is_for_random_tiles_and_named_policies(tiffs):
+    with pytest.raises(ValueError, match="never the evaluation grid"):
+        make(DaliTileLoader, tiffs, positions="grid", auto_augment="randaugment")
+    with pytest.raises(ValueError, match="--augment: 'autoaugment' is not a DALI auto-augmentation"):
+        make(DaliTileLoader, tiffs, auto_augment="autoaugment")
