@@ -22,8 +22,21 @@ the mean of the local θ-gradients is exact.
 
 Two ways to form the products (∂g_k/∂θ)ᵀ λ and (∂g_k/∂ω)ᵀ λ:
   * ``exact``: double backward through g_k (``create_graph=True``);
-  * ``finite_difference``: DARTS' central difference of ∇_{θ,ω} L_tr^k at ω_k ± ε λ: two extra
-    gradient evaluations, no double backward (works with fused attention kernels).
+  * ``finite_difference``: the central difference of ∇_{θ,ω} L_tr^k at ω_k ± ε λ, two extra gradient
+    evaluations and no double backward (works with fused attention kernels). The classifier's kinks
+    (ReLU signs, max-pool argmaxes) are frozen at ω_k (`dali_bilevel.kinks`): without that, units
+    that flip inside ω ± ελ dominate the difference (cosine −0.48 to 0.13 to exact on ResNets).
+
+Precision (`dali_bilevel.precision`): ``autocast`` is the run's mixed precision. With
+``precision="fp32"`` (the default) the K train passes, the validation pass and the products run in
+float32 with TF32 off, whatever ``autocast`` is; the augmenter always runs in float32 (its forward
+switches autocast off). So no pass here needs fp16's loss scale (`dali_bilevel.precision` says why
+fp16 is refused for them). ``precision="autocast"`` runs them in the run's bf16 (float32's range, a
+coarser direction: docs/hypergradient.md).
+
+Hyper-batch (``hyper_batch = b < B``): the real step keeps its full-batch gradient, taken in a plain
+pass under ``autocast``; the products of Eq. 7 use the first b samples of the train batch, an
+unbiased estimate of the full batch's whose cost scales with b/B (docs/benchmarks/step_cpu.md).
 """
 
 from __future__ import annotations
@@ -38,8 +51,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dali_bilevel.kinks import KinkTape
+from dali_bilevel.precision import HYPERGRAD_PRECISIONS, full_fp32
+
 ReduceMean = Callable[[list[Tensor]], list[Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Autocast = Callable[[], AbstractContextManager]
 MODES = ("exact", "finite_difference")
 
 
@@ -67,12 +84,14 @@ class SGDCoef(NamedTuple):
 class StepRecord:
     """What the hypergradient needs to revisit one classifier step k."""
 
-    x: Tensor
+    x: Tensor  # the (hyper-)batch whose products form Eq. 7, before the augmenter
     y: Tensor
     noise: Tensor
     weights: list[Tensor]  # ω_k, detached leaves (the real parameters move on in place)
     grads: list[Tensor] | None  # g_k with its graph to θ and ω_k (exact mode only)
     coefs: list[SGDCoef]
+    kinks: KinkTape | None = None  # finite difference: the branches the forward at ω_k took
+    rng: tuple[Tensor, Tensor | None] | None = None  # finite difference: RNG state before that forward
 
 
 @dataclass
@@ -140,6 +159,17 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> l
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
+def bilevel_autocast(autocast: Autocast, precision: str, device: torch.device) -> Autocast:
+    """The context of the bilevel passes: float32 with TF32 off (``fp32``), or the run's ``autocast``."""
+    if precision not in HYPERGRAD_PRECISIONS:
+        raise ValueError(f"--hypergrad-precision: unknown {precision!r}; choose {', '.join(HYPERGRAD_PRECISIONS)}")
+    return (lambda: full_fp32(device.type)) if precision == "fp32" else autocast
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
 def train_gradient(
     model: nn.Module,
     augmenter: nn.Module,
@@ -150,15 +180,17 @@ def train_gradient(
     noise: Tensor | None = None,
     mode: str = "exact",
     reduce_mean: ReduceMean = no_reduce,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    autocast: Autocast = nullcontext,
+    precision: str = "fp32",
     loss_fn: LossFn = F.cross_entropy,
-    loss_scale: float = 1.0,
+    hyper_batch: int = 0,
 ) -> tuple[StepRecord, Tensor, list[Tensor]]:
     """Eq. 3-4 for the real train step k: returns its record, the local loss and the averaged g.
 
-    This forward is the real one: it updates BatchNorm running statistics, once. ``x`` is already
-    flipped (predefined, outside the graph). ``loss_scale`` multiplies the loss before the
-    backward (fp16) and is divided out of g inside the graph.
+    The full-batch forward is the real one: it updates BatchNorm running statistics, once. ``x`` is
+    already flipped (predefined, outside the graph). With ``hyper_batch = b`` in (0, B) the record
+    holds the first b samples (see the module's docstring); otherwise the whole batch, whose g is
+    then both the real step's gradient and Eq. 7's.
     """
     if mode not in MODES:
         raise ValueError(f"--hypergrad: unknown mode {mode!r}; choose {', '.join(MODES)}")
@@ -166,19 +198,33 @@ def train_gradient(
     buffers = dict(model.named_buffers())
     noise = augmenter.sample_noise(x.shape[0]) if noise is None else noise
     coefs = sgd_coefs(optimizer, params)
-    weights = [p.detach().clone().requires_grad_(True) for p in params]
-    with autocast():
-        loss = _loss_at(model, names, weights, buffers, augmenter(x, noise), y, loss_fn, scratch=False)
     exact = mode == "exact"
-    g = torch.autograd.grad(loss * loss_scale, weights, create_graph=exact, allow_unused=True)
-    g = [gi / loss_scale for gi in _zeros_for_none(g, weights)]
-    g_bar = reduce_mean([gi.detach() for gi in g])
-    return StepRecord(x, y, noise, weights, g if exact else None, coefs), loss.detach(), g_bar
+    passes = bilevel_autocast(autocast, precision, x.device)
+    weights = [p.detach().clone().requires_grad_(True) for p in params]
+    full = not 0 < hyper_batch < x.shape[0]
+    if not full:  # the real step: a plain pass over the whole batch, in the run's precision
+        with torch.no_grad():
+            xa = augmenter(x, noise)
+        with autocast():
+            loss = loss_fn(model(xa), y)
+        g_real = _zeros_for_none(torch.autograd.grad(loss, params, allow_unused=True), params)
+        x, y, noise = x[:hyper_batch], y[:hyper_batch], noise[:hyper_batch]
+    tape, rng = (None, None) if exact else (KinkTape(), _rng_state(x.device))
+    xa = augmenter(x, noise)
+    need_grad = exact or full  # finite difference needs only the branches of the hyper-batch's forward
+    with passes(), torch.set_grad_enabled(need_grad), tape.record() if tape else nullcontext():
+        rec_loss = _loss_at(model, names, weights, buffers, xa, y, loss_fn, scratch=not full)
+    g = None
+    if need_grad:
+        g = _zeros_for_none(torch.autograd.grad(rec_loss, weights, create_graph=exact, allow_unused=True), weights)
+    if full:
+        loss, g_real = rec_loss, g
+    g_bar = reduce_mean([gi.detach() for gi in g_real])
+    return StepRecord(x, y, noise, weights, g if exact else None, coefs, tape, rng), loss.detach(), g_bar
 
 
 def _products(model: nn.Module, augmenter: nn.Module, rec: StepRecord, lam: list[Tensor], want_hvp: bool, *,
-              mode: str, autocast: Callable[[], AbstractContextManager], loss_fn: LossFn, fd_eps: float,
-              loss_scale: float) -> tuple[list[Tensor], list[Tensor] | None]:
+              mode: str, passes: Autocast, loss_fn: LossFn, fd_eps: float) -> tuple[list[Tensor], list[Tensor] | None]:
     """(∂g_k/∂θ)ᵀ λ and, if wanted, (∂g_k/∂ω_k)ᵀ λ, by double backward or central difference."""
     names, _ = trainable(model)
     theta = [p for p in augmenter.parameters() if p.requires_grad]
@@ -194,15 +240,21 @@ def _products(model: nn.Module, augmenter: nn.Module, rec: StepRecord, lam: list
     else:
         buffers = dict(model.named_buffers())
         eps = fd_eps / (torch.sqrt(sum((li.float() ** 2).sum() for li in lam)) + 1e-12)
+        devices = [rec.x.device] if rec.x.device.type == "cuda" else []
         sides = []
         for sign in (1.0, -1.0):
             w = [(wk + sign * eps * li).detach().requires_grad_(want_hvp) for wk, li in zip(rec.weights, lam,
                                                                                               strict=True)]
-            with autocast():
-                loss = _loss_at(model, names, w, buffers, augmenter(rec.x, rec.noise), rec.y, loss_fn, scratch=True)
-            grads = torch.autograd.grad(loss * loss_scale, theta + (w if want_hvp else []), allow_unused=True)
+            xa = augmenter(rec.x, rec.noise)
+            with torch.random.fork_rng(devices):  # dropout and drop-path draw the recorded masks again
+                torch.set_rng_state(rec.rng[0])
+                if rec.rng[1] is not None:
+                    torch.cuda.set_rng_state(rec.rng[1], rec.x.device)
+                with passes(), rec.kinks.replay():
+                    loss = _loss_at(model, names, w, buffers, xa, rec.y, loss_fn, scratch=True)
+            grads = torch.autograd.grad(loss, theta + (w if want_hvp else []), allow_unused=True)
             sides.append(_zeros_for_none(grads, theta + (w if want_hvp else [])))
-        out = [(a - b) / (2 * eps * loss_scale) for a, b in zip(*sides, strict=True)]
+        out = [(a - b) / (2 * eps) for a, b in zip(*sides, strict=True)]
     return out[: len(theta)], (out[len(theta) :] if want_hvp else None)
 
 
@@ -216,10 +268,10 @@ def hypergradient(
     *,
     mode: str = "exact",
     reduce_mean: ReduceMean = no_reduce,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    autocast: Autocast = nullcontext,
+    precision: str = "fp32",
     loss_fn: LossFn = F.cross_entropy,
     fd_eps: float = 0.01,
-    loss_scale: float = 1.0,
 ) -> tuple[Tensor, list[Tensor]]:
     """Eq. 6-7: the validation loss at ω_K and its process-averaged gradient with respect to θ.
 
@@ -228,11 +280,12 @@ def hypergradient(
     """
     names, _ = trainable(model)
     buffers = dict(model.named_buffers())
+    passes = bilevel_autocast(autocast, precision, x_val.device)
     w_final = [w.detach().requires_grad_(True) for w in final_weights]
-    with autocast():
+    with passes():
         val_loss = _loss_at(model, names, w_final, buffers, x_val, y_val, loss_fn, scratch=True)
-    v = torch.autograd.grad(val_loss * loss_scale, w_final, allow_unused=True)
-    lam_w = reduce_mean([vi / loss_scale for vi in _zeros_for_none(v, w_final)])  # adjoint of ω_K
+    v = torch.autograd.grad(val_loss, w_final, allow_unused=True)
+    lam_w = reduce_mean(_zeros_for_none(v, w_final))  # adjoint of ω_K
     lam_b = [torch.zeros_like(w) for w in lam_w]  # adjoint of the momentum buffer b_K (unused by L_val)
     theta_grad: list[Tensor] | None = None
     for k in range(len(trace) - 1, -1, -1):
@@ -249,8 +302,8 @@ def hypergradient(
                 ld = ls
                 lam_b_prev.append(torch.zeros_like(lb))
             lam_d.append(ld)
-        th, hvp = _products(model, augmenter, rec, lam_d, want_hvp=k > 0, mode=mode, autocast=autocast,
-                            loss_fn=loss_fn, fd_eps=fd_eps, loss_scale=loss_scale)
+        th, hvp = _products(model, augmenter, rec, lam_d, want_hvp=k > 0, mode=mode, passes=passes,
+                            loss_fn=loss_fn, fd_eps=fd_eps)
         theta_grad = th if theta_grad is None else [a + b for a, b in zip(theta_grad, th, strict=True)]
         if k > 0:
             hvp = reduce_mean(hvp)
@@ -271,19 +324,34 @@ def bilevel_step(
     noise: Tensor | None = None,
     mode: str = "exact",
     reduce_mean: ReduceMean = no_reduce,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    autocast: Autocast = nullcontext,
+    precision: str = "fp32",
     loss_fn: LossFn = F.cross_entropy,
     fd_eps: float = 0.01,
+    hyper_batch: int = 0,
 ) -> BilevelGrads:
     """The paper's K = J = 1 step, pure: look-ahead ω' from the real optimizer state, then Eq. 7.
 
     ``model`` is the unwrapped classifier (not DDP) in train mode; ``x_val`` is unaugmented.
     The caller's real step with ``classifier_grads`` lands exactly on ``lookahead``.
     """
-    rec, loss, g_bar = train_gradient(model, augmenter, optimizer, x_tr, y_tr, noise=noise, mode=mode,
-                                      reduce_mean=reduce_mean, autocast=autocast, loss_fn=loss_fn)
+    kw = dict(mode=mode, reduce_mean=reduce_mean, autocast=autocast, precision=precision, loss_fn=loss_fn)
+    rec, loss, g_bar = train_gradient(model, augmenter, optimizer, x_tr, y_tr, noise=noise, hyper_batch=hyper_batch,
+                                      **kw)
     _, params = trainable(model)
     lookahead, _ = sgd_lookahead(optimizer, params, g_bar)
-    val_loss, theta_grad = hypergradient(model, augmenter, [rec], lookahead, x_val, y_val, mode=mode,
-                                         reduce_mean=reduce_mean, autocast=autocast, loss_fn=loss_fn, fd_eps=fd_eps)
+    val_loss, theta_grad = hypergradient(model, augmenter, [rec], lookahead, x_val, y_val, fd_eps=fd_eps, **kw)
     return BilevelGrads(loss, val_loss, g_bar, theta_grad, lookahead)
+
+
+def random_direction(grads: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+    """A Gaussian direction over all tensors jointly, rescaled to the global L2 norm of ``grads``: the
+    control ablation's "hypergradient", which moves θ as far as the real one every update but carries
+    none of its information. Each tensor is drawn on its gradient's device and dtype (a ``generator``
+    must live there, as ``torch.randn`` requires); zero gradients give a zero direction."""
+    out = [torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) for g in grads]
+    if not grads:
+        return out
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    drawn = torch.sqrt(sum((d.double() ** 2).sum() for d in out)).clamp_min(1e-300)
+    return [d * (norm / drawn).to(device=d.device, dtype=d.dtype) for d in out]

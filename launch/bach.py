@@ -13,9 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accelerate import PartialState
+
 from dali_bilevel.config import parse_config
 from dali_bilevel.histology import TileConfig, TileData
-from dali_bilevel.train import SetupError, training_function
+from dali_bilevel.train import Diverged, Preempted, SetupError, training_function
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
+        print(str(e), file=sys.stderr)
+        return 0
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     last = metrics["epochs"][-1] if metrics.get("epochs") else {}
-    if "test_image_acc" in last:
+    if "test_image_acc" in last and PartialState().is_main_process:  # once, not once per process
         print(f"final test accuracy {last['test_image_acc']:.2f}% per image, {last['test_acc']:.2f}% per tile; "
               f"outputs in {cfg.output}")
     return 0

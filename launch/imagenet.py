@@ -11,8 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accelerate import PartialState
+
 from dali_bilevel.config import parse_config
-from dali_bilevel.train import Preempted, SetupError, training_function
+from dali_bilevel.train import Diverged, Preempted, SetupError, training_function
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
         print(str(e), file=sys.stderr)
         return 0
-    if "test_acc" in metrics:
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "test_acc" in metrics and PartialState().is_main_process:  # the summary once, not once per process
         print(f"final test accuracy {metrics['test_acc']:.2f}%; outputs in {cfg.output}")
     return 0
 

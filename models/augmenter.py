@@ -4,8 +4,21 @@ A small MLP maps per-sample Gaussian noise to transformation parameters. The par
 applied with differentiable warps and kornia's colour ops, so the validation loss of the
 look-ahead classifier can be differentiated with respect to θ.
 
-Functional core (`params_to_matrix`, `apply_transform`) plus a module wrapper (`Augmenter`),
-in kornia's style.
+Functional core (`bound_params`, `params_to_matrix`, `apply_transform`) plus a module wrapper
+(`Augmenter`), in kornia's style.
+
+Every parameter the MLP emits is squashed into a documented range (`BOUNDS`) by ``b·tanh(v/b)``,
+which is the identity at 0 with slope 1 there: training still starts at exactly the identity, and
+near it the parametrisation is the paper's residual one. No θ, however large, can produce a NaN,
+an empty image or a degenerate matrix (the run with ``--aug-lr 0.1`` that shifted images by 559 px
+now stays inside the image):
+
+* translation: within the image (|t| < 1 in normalised units, i.e. half the image size);
+* the affine family's 2x2 part: A = expm(L) with L = mI + [[d, q], [q, −d]] + [[0, −φ], [φ, 0]],
+  |m| < ln2/2 and |(d, q)| < ln2/2, so every singular value (zoom along any axis) is in [1/2, 2]
+  whatever the rotation φ (|φ| < π); det A = e^{2m} > 0, so it never folds or flattens;
+* colour: brightness offset in ±0.5, contrast and saturation factors in 1 ± 0.9 (AutoAugment's
+  enhance range), hue in ±π.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Number of raw outputs each transform family needs.
-FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4}
+FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4, "sharpness": 1}
 
 #: The paper's three augmenter sizes: (noise dimension, hidden widths). ``None`` means "n",
 #: the number of transformation parameters; "10n" is written as the string "10n".
@@ -42,6 +55,66 @@ def parse_transforms(spec: str | Sequence[str]) -> tuple[str, ...]:
             f"choose a comma-separated subset of {', '.join(FAMILY_SIZES)}"
         )
     return tuple(f for f in FAMILY_SIZES if f in names)
+
+
+#: Half-widths b of the squashing b·tanh(v/b) per parameter kind (see the module docstring).
+BOUNDS: dict[str, float] = {
+    "translation": 1.0,  # normalised units: 1 = half the image
+    "log_zoom": math.log(2) / 2,  # isotropic part m of log A
+    "anisotropy": math.log(2) / 2 / math.sqrt(2),  # each of d, q: |(d, q)| < ln2/2
+    "rotation": math.pi,  # φ, radians
+    "brightness": 0.5,  # additive offset on [0, 1] images
+    "contrast": 0.9,  # factor − 1
+    "saturation": 0.9,  # factor − 1
+    "hue": math.pi,  # radians
+    "sharpness": 0.9,  # factor − 1: PIL's ImageEnhance.Sharpness in AutoAugment's 1 ± 0.9
+}
+
+
+def squash(v: Tensor, bound: float) -> Tensor:
+    """``bound · tanh(v / bound)``: identity with slope 1 at 0, inside (−bound, bound) everywhere."""
+    return bound * torch.tanh(v / bound)
+
+
+def bounded_linear(raw: Tensor) -> Tensor:
+    """(B, 2, 2) raw residual → expm of its bounded log: zooms within [1/2, 2] along every axis.
+
+    The raw residual R splits into isotropic log-zoom m, anisotropy (d, q) and rotation φ; near 0,
+    expm(L) ≈ I + R, so small residuals mean what they meant without bounds.
+    """
+    m = squash((raw[:, 0, 0] + raw[:, 1, 1]) / 2, BOUNDS["log_zoom"])
+    d = squash((raw[:, 0, 0] - raw[:, 1, 1]) / 2, BOUNDS["anisotropy"])
+    q = squash((raw[:, 0, 1] + raw[:, 1, 0]) / 2, BOUNDS["anisotropy"])
+    phi = squash((raw[:, 1, 0] - raw[:, 0, 1]) / 2, BOUNDS["rotation"])
+    log = torch.stack([torch.stack([m + d, q - phi], -1), torch.stack([q + phi, m - d], -1)], -2)
+    return torch.linalg.matrix_exp(log)
+
+
+def bound_params(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The MLP's raw outputs → bounded parameters in `apply_transform`'s units (0 stays 0).
+
+    ``affine`` stays a residual on the 2x3 matrix; when ``translation`` is there too, the affine's
+    shift column moves into it, so that the total shift is bounded once.
+    """
+    out: dict[str, Tensor] = {}
+    shift = None
+    if "affine" in raw:
+        r = raw["affine"].reshape(-1, 2, 3)
+        lin = bounded_linear(r[:, :, :2]) - torch.eye(2, dtype=r.dtype, device=r.device)
+        shift = r[:, :, 2]
+        if "translation" in raw:
+            shift, out["translation"] = None, squash(shift + raw["translation"], BOUNDS["translation"])
+        col = torch.zeros_like(r[:, :, 2]) if shift is None else squash(shift, BOUNDS["translation"])
+        out["affine"] = torch.cat([lin, col.unsqueeze(-1)], -1).reshape(-1, 6)
+    elif "translation" in raw:
+        out["translation"] = squash(raw["translation"], BOUNDS["translation"])
+    if "sharpness" in raw:
+        out["sharpness"] = squash(raw["sharpness"], BOUNDS["sharpness"])
+    if "color" in raw:
+        c = raw["color"]
+        out["color"] = torch.stack([squash(c[:, 0], BOUNDS["brightness"]), squash(c[:, 1], BOUNDS["contrast"]),
+                                    squash(c[:, 2], BOUNDS["saturation"]), BOUNDS["hue"] * torch.tanh(c[:, 3])], 1)
+    return out
 
 
 def split_params(raw: Tensor, families: Sequence[str]) -> dict[str, Tensor]:
@@ -74,12 +147,13 @@ def params_to_matrix(params: dict[str, Tensor]) -> Tensor | None:
 
 
 def color_factors(p: Tensor) -> dict[str, Tensor]:
-    """Map 4 raw colour outputs to kornia's arguments; all are identity at 0."""
+    """Map the 4 colour parameters (brightness offset, contrast − 1, saturation − 1, hue) to
+    kornia's arguments; all are identity at 0."""
     return {
         "brightness": p[:, 0],  # additive offset
-        "contrast": torch.exp(p[:, 1]),  # multiplicative factor
-        "saturation": torch.exp(p[:, 2]),  # multiplicative factor
-        "hue": math.pi * torch.tanh(p[:, 3]),  # radians in (-pi, pi)
+        "contrast": 1 + p[:, 1],  # multiplicative factor
+        "saturation": 1 + p[:, 2],  # multiplicative factor
+        "hue": p[:, 3],  # radians
     }
 
 
@@ -105,7 +179,24 @@ def apply_transform(x: Tensor, params: dict[str, Tensor], padding_mode: str = "z
         x = kornia.enhance.adjust_contrast(x, c["contrast"])
         x = kornia.enhance.adjust_saturation(x, c["saturation"])
         x = kornia.enhance.adjust_hue(x, c["hue"])
+    if "sharpness" in params:
+        x = sharpen(x, 1 + params["sharpness"][:, 0].to(x.dtype))
     return x
+
+
+def sharpen(x: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ``ImageEnhance.Sharpness`` per image, differentiable in ``factor`` (B,): blend the image with
+    its 3x3 smoothing (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, the border kept as is), 0 = smooth,
+    1 = identity, 2 = twice as sharp. The family RandAugment has that affine and colour lack."""
+    c = x.shape[1]
+    k = torch.ones(3, 3, dtype=x.dtype, device=x.device)  # made on the device: no host copy per step
+    k[1, 1] = 5.0
+    smooth = F.conv2d(x, (k / 13).expand(c, 1, 3, 3), groups=c)
+    smooth = F.pad(smooth, (1, 1, 1, 1))
+    inner = torch.zeros_like(x[:1, :1])
+    inner[..., 1:-1, 1:-1] = 1
+    smooth = inner * smooth + (1 - inner) * x
+    return (x + (factor[:, None, None, None] - 1) * (x - smooth)).clamp(0, 1)  # factor 1: exactly x
 
 
 def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
@@ -117,6 +208,8 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
         out["affine_abs_dev"] = delta[:, :, :2].abs().mean().item()
         out["affine_mean_dev"] = delta[:, :, :2].mean(0).abs().mean().item()
         out["translation_px"] = (delta[:, :, 2].norm(dim=1) * image_size / 2).mean().item()
+    if "sharpness" in params:
+        out["sharpness_abs"] = params["sharpness"].detach().float().abs().mean().item()
     if "color" in params:
         c = color_factors(params["color"].detach().float())
         out["brightness_abs"] = c["brightness"].abs().mean().item()
@@ -128,11 +221,15 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
 
 def prior_layer(families: Sequence[str], noise_dim: int, n: int, translate: float) -> nn.Linear:
     """A learnable linear path from uniform noise to the outputs, started as the predefined
-    random translation: outputs tx, ty = ``translate`` · (u0, u1), u ~ U(-1, 1).
+    random translation: raw tx, ty = atanh(``translate``) · (u0, u1), u ~ U(-1, 1), so the bounded
+    shift tanh(·) reaches exactly ±``translate`` (within 1% of uniform in between at 4 px of 32).
 
     Why: from the identity the hypergradient grows variety only slowly (see docs/results.md);
     starting at the hand-tuned prior lets the bilevel step keep, grow or shrink it.
     """
+    if not 0 < translate < BOUNDS["translation"]:
+        raise ValueError(f"--aug-init-translate-px: the prior shift must be under half the image, got {translate:g} "
+                         "in normalised units")
     if noise_dim < 2:
         raise ValueError("--aug-init-translate-px needs a noise dimension of at least 2")
     offsets, i = {}, 0
@@ -148,9 +245,36 @@ def prior_layer(families: Sequence[str], noise_dim: int, n: int, translate: floa
     layer = nn.Linear(noise_dim, n, bias=False)
     nn.init.zeros_(layer.weight)
     with torch.no_grad():
-        layer.weight[rows[0], 0] = translate
-        layer.weight[rows[1], 1] = translate
+        layer.weight[rows[0], 0] = math.atanh(translate)
+        layer.weight[rows[1], 1] = math.atanh(translate)
     return layer
+
+
+#: Saved in a policy's spec: weights trained under another parametrisation mean other transforms.
+PARAMETRISATION = "bounded-v1"
+
+
+def bound_fractions(raw: dict[str, Tensor], near: float = 0.95) -> dict[str, float]:
+    """Per family, the share of sampled parameters within ``near`` of their bound (|tanh| > near):
+    an augmenter that sits there has run away (the run warns, once)."""
+    limit = math.atanh(near)
+    out = {}
+    for family, r in raw.items():
+        if family == "affine":
+            scaled = bound_params({"affine": r})["affine"]  # the bounded values' own distance to their bounds
+            lin = torch.linalg.svdvals(scaled.reshape(-1, 2, 3)[:, :, :2] + torch.eye(2, device=r.device)).log2()
+            near_zoom = lin.abs().amax(1) > near  # a zoom close to 1/2 or 2
+            near_shift = (scaled.reshape(-1, 2, 3)[:, :, 2].abs() > near * BOUNDS["translation"]).any(1)
+            out[family] = (near_zoom | near_shift).float().mean().item()
+        elif family == "translation":
+            out[family] = (r.abs() > limit * BOUNDS["translation"]).any(1).float().mean().item()
+        elif family == "sharpness":
+            out[family] = (r.abs() > limit * BOUNDS["sharpness"]).float().mean().item()
+        else:
+            kinds = ("brightness", "contrast", "saturation")
+            at = torch.stack([r[:, i].abs() > limit * BOUNDS[k] for i, k in enumerate(kinds)], 1)
+            out[family] = at.any(1).float().mean().item()
+    return out
 
 
 class Augmenter(nn.Module):
@@ -178,8 +302,10 @@ class Augmenter(nn.Module):
         self.num_params = sum(FAMILY_SIZES[f] for f in self.families)
         n = self.num_params
         noise_dim, hidden = MLP_SIZES[size]
-        self.noise_dim = n if noise_dim is None else noise_dim
-        widths = [n if h == "n" else 10 * n if h == "10n" else int(h) for h in hidden]
+        # "n" is at least 2: one noise input and one ReLU unit (sharpness alone) would be dead half the time
+        w = max(n, 2)
+        self.noise_dim = w if noise_dim is None else noise_dim
+        widths = [w if h == "n" else 10 * w if h == "10n" else int(h) for h in hidden]
         layers: list[nn.Module] = []
         d = self.noise_dim
         for w in widths:
@@ -206,7 +332,8 @@ class Augmenter(nn.Module):
         return torch.randn(batch_size, self.noise_dim, device=dev, generator=generator,
                            dtype=self.head.weight.dtype)
 
-    def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+    def raw_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """The MLP's outputs per family, before `bound_params` (their scale is the bounds' units)."""
         z = self.sample_noise(batch_size) if noise is None else noise
         h = self.body(z)
         if self.center_hidden and h.shape[0] > 1:
@@ -216,17 +343,28 @@ class Augmenter(nn.Module):
             raw = raw + self.prior(torch.erf(z / math.sqrt(2)))  # erf(z/√2) ~ U(-1, 1)
         return split_params(raw, self.families)
 
+    def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Bounded transformation parameters for ``batch_size`` samples (`bound_params`)."""
+        return bound_params(self.raw_params(batch_size, noise))
+
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
-        return apply_transform(x, self.sample_params(x.shape[0], noise), self.padding_mode, self.warp_mode)
+        """A_θ(x) in float32 even inside an autocast region: in bf16 the matrix's residuals below about
+        0.004 vanish and its diagonal moves in steps of 2⁻⁷ (see `dali_bilevel.precision`)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            return apply_transform(x, self.sample_params(x.shape[0], noise), self.padding_mode, self.warp_mode)
 
     def spec(self) -> dict[str, object]:
         """What `from_spec` needs to rebuild this augmenter (saved beside its weights)."""
         return {"transforms": list(self.families), "size": self.size, "center_hidden": self.center_hidden,
                 "padding_mode": self.padding_mode, "init_translate": self.init_translate,
-                "warp_mode": self.warp_mode}
+                "warp_mode": self.warp_mode, "parametrisation": PARAMETRISATION}
 
     @classmethod
     def from_spec(cls, spec: dict[str, object]) -> Augmenter:
+        if spec.get("parametrisation") != PARAMETRISATION:
+            raise ValueError("the policy was exported before the augmenter's parameters were bounded, so its "
+                             "weights mean other transforms now; train it again")
         return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]),
                    float(spec.get("init_translate", 0.0)), str(spec.get("warp_mode", "bilinear")))
 
@@ -244,6 +382,13 @@ def load_policy(path: str | Path) -> Augmenter:
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise FileNotFoundError(f"--augment frozen:{path}: needs {path} and {path.with_suffix('.json')} "
                                 "(written as augmenter.pt/.json by a learned run)")
-    aug = Augmenter.from_spec(json.loads(path.with_suffix(".json").read_text()))
-    aug.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        aug = Augmenter.from_spec(json.loads(path.with_suffix(".json").read_text()))
+    except ValueError as e:
+        raise ValueError(f"--augment frozen:{path}: {e}") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:  # refused here, before any non-finite parameter can reach kornia
+        raise ValueError(f"--augment frozen:{path}: non-finite weights in {', '.join(bad)}")
+    aug.load_state_dict(state)
     return aug.requires_grad_(False).eval()

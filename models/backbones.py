@@ -106,22 +106,61 @@ def available_models() -> list[str]:
     return sorted(LOCAL_MODELS) + timm.list_models()
 
 
-def create_backbone(name: str, num_classes: int, weights: str | Path | None = None) -> Normalized:
+def _timm_model(name: str, num_classes: int, image_size: int | None) -> nn.Module:
+    """A timm model, told the image size when it takes one (ViTs, Swin, ...: their patch embedding and
+    position embedding are built for it); convolutional models ignore the size and get none."""
+    if image_size:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def check_runs_at(net: nn.Module, name: str, image_size: int) -> None:
+    """One forward of a single image at ``image_size``, now, so a model that cannot take that size fails
+    before training with one line naming the flag (not a traceback from inside timm)."""
+    mode = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, image_size, image_size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--image-size {image_size}: --model {name} cannot run at this size ({detail})") from None
+    finally:
+        net.train(mode)
+
+
+def create_backbone(name: str, num_classes: int, weights: str | Path | None = None, image_size: int | None = None,
+                    fused_attention: bool = True) -> Normalized:
     """Build ``name`` (a local network or any timm model) without touching a model hub.
 
     ``weights`` is an optional local state dict (``.pt``/``.pth`` loaded with
     ``weights_only=True``, or ``.safetensors``) for the backbone, e.g. a timm checkpoint.
+    ``image_size`` reaches timm models that take one, and is checked by one forward pass.
+    ``fused_attention=False`` builds attention without fused SDPA, which has no double backward
+    (the exact hypergradient needs one): timm reads the switch when a model is *built*, so it is set
+    before, and every module's flag is checked after.
     """
     if name in LOCAL_MODELS:
         net = LOCAL_MODELS[name](num_classes)
     elif timm.is_model(name):
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        if not fused_attention:
+            timm.layers.set_fused_attn(False)
+        net = _timm_model(name, num_classes, image_size)
+        if not fused_attention:
+            for m in net.modules():
+                if getattr(m, "fused_attn", False):
+                    m.fused_attn = False  # a module that read the switch another way
     else:
         close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.6)
         hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ValueError(f"--model: unknown model name {name!r}{hint}")
     if weights is not None:
         net.load_state_dict(load_state_dict(weights))
+    if image_size:
+        check_runs_at(net, name, image_size)
     return Normalized(net)
 
 

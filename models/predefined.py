@@ -7,6 +7,7 @@ They are sampled outside the autograd graph: nothing here is learned.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -37,9 +38,9 @@ def random_translate(x: Tensor, max_px: int, generator: torch.Generator | None =
     if max_px <= 0:
         return x
     b, _, h, w = x.shape
-    shift = torch.randint(-max_px, max_px + 1, (b, 2), device=x.device, generator=generator)
-    scale = torch.tensor([2.0 / w, 2.0 / h], device=x.device)
-    return apply_transform(x, {"translation": shift.to(x.dtype) * scale})
+    shift = torch.randint(-max_px, max_px + 1, (b, 2), device=x.device, generator=generator).to(x.dtype)
+    # Scalars, not a tensor built from a list: that would be a pageable host-to-device copy every step.
+    return apply_transform(x, {"translation": torch.stack([shift[:, 0] * (2.0 / w), shift[:, 1] * (2.0 / h)], 1)})
 
 
 @torch.no_grad()
@@ -58,7 +59,8 @@ def random_affine(x: Tensor, translate_px: float = 0.0, rotate_deg: float = 0.0,
     lo, hi = math.log(scale[0]), math.log(scale[1])
     s = torch.exp(lo + (hi - lo) * (u(1)[:, 0] + 1) / 2)
     a = u(1)[:, 0] * math.radians(rotate_deg)
-    t = u(2) * translate_px * torch.tensor([2.0 / w, 2.0 / h], device=dev)
+    t = u(2) * translate_px
+    t = torch.stack([t[:, 0] * (2.0 / w), t[:, 1] * (2.0 / h)], 1)
     # Output pixel p samples the input at R(a) p / s + t: a zoom by s, rotated by a, shifted by t.
     cos, sin = torch.cos(a) / s, torch.sin(a) / s
     mat = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
@@ -108,3 +110,17 @@ def random_color_jitter(x: Tensor, strength: float, generator: torch.Generator |
         f = 1 + (torch.rand(x.shape[0], device=x.device, generator=generator) * 2 - 1) * strength
         x = enhance(x, ENHANCE_OPS[i], f)
     return x
+
+
+def predefined_policy(translate_px: int = 0, rotate_deg: float = 0.0, scale: tuple[float, float] = (1.0, 1.0),
+                      affine_magnitude: float = 0.0, color_jitter: float = 0.0) -> Callable[[Tensor], Tensor]:
+    """The hand-set augmentation after the flips, decided once: the histology affine when rotating or
+    scaling (else integer shifts), then the one-magnitude affine, then colour jitter (each a no-op at 0)."""
+    affine = bool(rotate_deg) or tuple(scale) != (1.0, 1.0)
+
+    def transform(x: Tensor) -> Tensor:
+        x = random_affine(x, translate_px, rotate_deg, scale) if affine else random_translate(x, translate_px)
+        x = random_affine_magnitude(x, affine_magnitude)
+        return random_color_jitter(x, color_jitter)
+
+    return transform

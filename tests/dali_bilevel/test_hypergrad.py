@@ -58,7 +58,9 @@ def test_exact_hypergradient_matches_central_difference(nesterov):
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
-        eps = 1e-6  # bilinear sampling has kinks at pixel centres, which near-identity warps sit on
+        # Bilinear sampling has kinks at pixel centres, which near-identity warps sit on: at ε = 1e-6
+        # one direction of three crosses one (0.2% off); at 1e-7 all agree within 7e-6.
+        eps = 1e-7
         fd = (val_loss_after_real_step(model, aug, opt, data, [eps * v for v in d])
               - val_loss_after_real_step(model, aug, opt, data, [-eps * v for v in d])) / (2 * eps)
         analytic = sum((h * v).sum() for h, v in zip(out.augmenter_grads, d, strict=True)).item()
@@ -194,20 +196,3 @@ def test_fused_attention_has_no_double_backward_and_fd_still_works():
     out = bilevel_step(vit, aug, opt, x, y, x, y, mode="finite_difference")
     assert all(torch.isfinite(h).all() for h in out.augmenter_grads)
     assert sum(h.abs().sum() for h in out.augmenter_grads) > 0
-
-
-@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
-def test_loss_scale_is_divided_out(mode):
-    """fp16's loss scale multiplies every backward and must leave g, ω' and ∇_θ unchanged."""
-    from dali_bilevel.hypergrad import hypergradient, train_gradient
-
-    results = []
-    for scale in (1.0, 1024.0):
-        model, aug, opt, data = setup()
-        rec, _, g = train_gradient(model, aug, opt, data["x_tr"], data["y_tr"], noise=data["noise"], mode=mode,
-                                   loss_scale=scale)
-        _, h = hypergradient(model, aug, [rec], list(model.parameters()), data["x_val"], data["y_val"], mode=mode,
-                             loss_scale=scale)
-        results.append((g, h))
-    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

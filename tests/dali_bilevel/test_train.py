@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+import dali_bilevel.steps as steps_mod
 import dali_bilevel.train as train_mod
 from dali_bilevel.config import TrainConfig
-from dali_bilevel.train import LossScaler, SetupError, training_function
+from dali_bilevel.precision import LossScale
+from dali_bilevel.train import SetupError, training_function
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +28,21 @@ def config(data, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_loss_scaler_backs_off_and_grows():
-    s = LossScaler(True, init=1024.0, growth_interval=2)
-    s.update(False)
-    assert s.scale == 512.0
-    s.update(True)
-    s.update(True)
-    assert s.scale == 1024.0
-    off = LossScaler(False)
-    off.update(False)
-    assert off.scale == 1.0
+def test_loss_scale_backs_off_and_grows_on_the_device():
+    s = LossScale(True, torch.device("cpu"), init=1024.0, growth_interval=2)
+    grads = [torch.tensor([2048.0, float("inf")]), torch.tensor([1024.0])]
+    found = s.unscale_(grads)
+    assert found.item() == 1.0 and grads[1].item() == 1.0  # unscaled in place, overflow flagged
+    s.update(found)
+    assert s.scale.item() == 512.0
+    for _ in range(2):
+        s.update(s.unscale_([torch.ones(2)]))
+    assert s.scale.item() == 1024.0
+    off = LossScale(False, torch.device("cpu"))
+    g = [torch.tensor([3.0, float("nan")])]
+    assert off.unscale_(g).item() == 0.0 and g[0][0].item() == 3.0  # inert: nothing overflows unscaled
+    off.update(torch.ones(()))
+    assert off.scale.item() == 1.0
 
 
 @pytest.mark.parametrize(("period", "unroll"), [(2, 1), (2, 2)])
@@ -47,13 +54,13 @@ def test_period_and_unroll_count_updates(shapes_dir, tmp_path, period, unroll):
 
 
 def test_nonfinite_hypergradient_never_reaches_theta(shapes_dir, tmp_path, monkeypatch):
-    real = train_mod.hypergradient
+    real = steps_mod.hypergradient
 
     def poisoned(*args, **kwargs):
         val_loss, h = real(*args, **kwargs)
         return val_loss, [torch.full_like(t, float("nan")) for t in h]
 
-    monkeypatch.setattr(train_mod, "hypergradient", poisoned)
+    monkeypatch.setattr(steps_mod, "hypergradient", poisoned)
     m = training_function(config(shapes_dir, tmp_path))
     e = m["epochs"][0]
     assert e["aug_updates"] == 0 and e["aug_skipped_nonfinite"] == 4
@@ -116,3 +123,34 @@ def test_prior_initialised_augmenter_starts_at_the_predefined_translation(shapes
     mags = m["epochs"][0]["aug_magnitudes"]
     # E|(tx, ty)| for tx, ty ~ U(-4, 4) px is about 3.06 px; one epoch of Adam 1e-3 barely moves it.
     assert mags["translation_px"] == pytest.approx(3.06, abs=0.3)
+
+
+def test_flat_all_reduce_keeps_each_gradients_memory_format():
+    from dali_bilevel.train import pack, unpack
+
+    torch.manual_seed(0)
+    ts = [torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), torch.randn(5),
+          torch.randn(6, 7).t(), torch.randn(2, 3, 4, 4)]
+    back = unpack(pack(ts) * 1.0, ts)
+    for a, b in zip(ts, back, strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    assert back[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vit_trains_in_exact_mode_without_falling_back(shapes_dir, tmp_path, capsys):
+    """timm ViTs are built without fused attention in exact mode: no switch to finite difference."""
+    m = training_function(config(shapes_dir, tmp_path, model="vit_tiny_patch16_224", max_steps_per_epoch=2))
+    e = m["epochs"][0]
+    assert e["aug_updates"] == 2 and e["hypergrad_mode"] == "exact"
+    assert "switching to --hypergrad finite_difference" not in capsys.readouterr().out
+
+
+def test_a_runaway_augmenter_stays_bounded_and_is_reported(shapes_dir, tmp_path, capsys):
+    """What --aug-lr 0.1 did before (559 px shifts on 32 px images, accuracy at chance, no warning)."""
+    m = training_function(config(shapes_dir, tmp_path, aug_lr=0.5, epochs=2, transforms="affine"))
+    last = m["epochs"][-1]
+    assert last["aug_magnitudes"]["translation_px"] <= 16 * 2 ** 0.5  # within the image: < 16 px per axis
+    assert last["aug_at_bound"]["affine"] > 0.5  # measured: 100% of samples at the bounds
+    out = capsys.readouterr().out
+    assert out.count("the augmenter sits at its bounds") == 1  # said once, not every epoch
+    assert out.count("is still at chance level") == 1

@@ -91,7 +91,8 @@ def test_tensorboard_event_file_has_scalars_and_grid(shapes_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    r = subprocess.run(cmd(shapes_dir, out, "--epochs", "1"), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd(shapes_dir, out, "--epochs", "1", "--log-every", "2"), env=ENV, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     events = list(out.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file"

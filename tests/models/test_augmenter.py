@@ -4,10 +4,13 @@ import pytest
 import torch
 
 from models.augmenter import (
+    BOUNDS,
     FAMILY_SIZES,
     MLP_SIZES,
     Augmenter,
     apply_transform,
+    bound_fractions,
+    bound_params,
     load_policy,
     magnitudes,
     params_to_matrix,
@@ -44,7 +47,7 @@ def test_mlp_sizes_match_paper():
     large = Augmenter("affine", "large")
     assert large.noise_dim == 100
     assert [m.out_features for m in large.body if isinstance(m, torch.nn.Linear)] == [512, 1024, 124, 512]
-    assert sum(FAMILY_SIZES.values()) == 12
+    assert [FAMILY_SIZES[f] for f in ("translation", "affine", "color")] == [2, 6, 4]  # the paper's 12
 
 
 def test_noise_is_per_sample_and_gradients_reach_theta():
@@ -81,7 +84,7 @@ def test_center_hidden_keeps_mean_at_bias():
     torch.manual_seed(0)
     aug = Augmenter("affine", "small", center_hidden=True)
     torch.nn.init.normal_(aug.head.weight)
-    mean = aug.sample_params(512)["affine"].mean(0)
+    mean = aug.raw_params(512)["affine"].mean(0)  # before the bounds' squashing
     torch.testing.assert_close(mean, aug.head.bias.detach(), atol=1e-5, rtol=0)
 
 
@@ -170,3 +173,85 @@ def test_bicubic_warp_blurs_sub_pixel_shifts_less_and_still_differentiates():
     assert Augmenter.from_spec(aug.spec()).warp_mode == "bicubic"
     with pytest.raises(ValueError, match="--warp-mode"):
         Augmenter("affine", warp_mode="nearest")
+
+
+def test_bounds_hold_for_any_raw_output_and_are_the_residual_parametrisation_near_zero():
+    torch.manual_seed(0)
+    raw = {"affine": torch.randn(4096, 6) * 50, "translation": torch.randn(4096, 2) * 50,
+           "color": torch.randn(4096, 4) * 50}
+    p = bound_params(raw)
+    mat = params_to_matrix(p)
+    zoom = torch.linalg.svdvals(mat[:, :, :2])
+    assert zoom.min() >= 0.5 - 1e-5 and zoom.max() <= 2 + 1e-5  # never folds, flattens or blows up
+    assert zoom.min() < 0.55 and zoom.max() > 1.8  # and the range is used
+    assert (mat[:, :, 2].abs() <= 1).all()  # the sampled centre stays inside the image
+    c = p["color"]
+    assert (c[:, 0].abs() <= 0.5).all() and (c[:, 1:3].abs() <= 0.9).all() and (c[:, 3].abs() <= math.pi).all()
+    # Slope 1 at 0: to first order, the unbounded residual (entries up to 2e-4; second order ≤ 1e-7).
+    small = {k: v.double() * 1e-6 for k, v in raw.items()}
+    p_small = bound_params(small)
+    lin = params_to_matrix(p_small)[:, :, :2] - torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(lin, small["affine"].reshape(-1, 2, 3)[:, :, :2], atol=1e-7, rtol=0)
+    shift = small["translation"] + small["affine"].reshape(-1, 2, 3)[:, :, 2]
+    torch.testing.assert_close(p_small["translation"], shift, atol=1e-10, rtol=0)
+    assert BOUNDS["translation"] == 1.0
+
+
+def test_huge_learning_rate_keeps_images_finite_and_in_range():
+    """The augmenter driven as hard as an optimizer can: images stay finite, in [0, 1], not empty."""
+    torch.manual_seed(0)
+    aug = Augmenter("affine,color", "small")
+    opt = torch.optim.SGD(aug.parameters(), lr=1e3)
+    x = torch.rand(32, 3, 16, 16) * 0.8 + 0.1
+    for _ in range(30):  # maximise the change of the images: pushes every parameter outwards
+        y = aug(x)
+        (-(y - x).square().mean() * 1e3).backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(torch.isfinite(t).all() for t in aug.parameters())
+    with torch.no_grad():
+        y = aug(x)
+        frac = bound_fractions(aug.raw_params(512))
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    assert (y.flatten(1).amax(1) > 0).float().mean() > 0.9  # zooms within [1/2, 2]: mostly something left
+    assert max(frac.values()) > 0.5  # it ran to its bounds, and the run can say so
+
+
+def test_old_unbounded_policies_are_refused(tmp_path):
+    import json
+
+    aug = Augmenter("affine")
+    save_policy(aug, tmp_path / "a.pt")
+    spec = json.loads((tmp_path / "a.json").read_text())
+    del spec["parametrisation"]
+    (tmp_path / "a.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"frozen:.*before the augmenter's parameters were bounded"):
+        load_policy(tmp_path / "a.pt")
+    save_policy(aug, tmp_path / "b.pt")
+    state = torch.load(tmp_path / "b.pt")
+    state["head.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match=r"non-finite weights in head\.bias"):
+        load_policy(tmp_path / "b.pt")
+
+
+def test_sharpness_is_pils_enhance_sharpness():
+    from PIL import Image, ImageEnhance
+
+    from models.augmenter import sharpen
+
+    rng = torch.Generator().manual_seed(0)
+    img = (torch.rand(3, 12, 12, generator=rng) * 255).round().to(torch.uint8)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    x = (img.float() / 255).unsqueeze(0).repeat(3, 1, 1, 1)
+    out = sharpen(x, torch.tensor([0.3, 1.0, 1.8]))
+    for i, f in enumerate((0.3, 1.0, 1.8)):
+        ref = torch.tensor(list(ImageEnhance.Sharpness(pil).enhance(f).getdata()), dtype=torch.float32)
+        ref = ref.view(12, 12, 3).permute(2, 0, 1)
+        # PIL rounds the smoothed image to 8 bits before blending, and the blend again: ≤ 1.5 levels
+        assert (out[i] * 255 - ref).abs().max() <= 1.5
+    assert torch.equal(out[1], x[1])  # factor 1 is the identity
+    aug = Augmenter("sharpness")
+    torch.nn.init.normal_(aug.head.weight, std=0.5)
+    aug(x).sum().backward()
+    assert aug.head.weight.grad.abs().sum() > 0

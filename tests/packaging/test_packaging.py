@@ -21,11 +21,19 @@ def test_dockerfile_pins_satisfy_pyproject():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = dockerfile_pins()
     for dep in map(Requirement, deps):
-        name = dep.name.lower()
-        if name in ("torch", "torchvision", "numpy", "pillow"):
-            continue  # provided by NVIDIA's PyTorch image
+        name = "pillow-simd" if dep.name.lower() == "pillow" else dep.name.lower()  # the same PIL package
         assert name in pins, f"Dockerfile does not install {name}"
-        assert dep.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(dep.specifier))
+        if name != "pillow-simd":
+            assert dep.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(dep.specifier))
+
+
+def test_dockerfile_torch_is_the_tested_torch():
+    """The image runs the torch every test ran on: the Makefile's TORCH_SPEC, not a base image's."""
+    spec = re.search(r"^TORCH_SPEC \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    tested = dict(s.split("==") for s in spec)
+    pins = dockerfile_pins()
+    assert {k: pins[k] for k in tested} == tested
+    assert "FROM python:3.11" in (ROOT / "Dockerfile").read_text()  # requires-python, as tested
 
 
 def test_dockerfile_lints_clean():

@@ -1,0 +1,227 @@
+"""Every method on three domains, several seeds, as one grid: the cross-domain comparison of docs/results.md.
+
+    python launch/domains.py --domains cifar,ucsb,ucmerced --seeds 0,1,2 --out runs/domains --jobs 2
+    python launch/domains.py --domains cifar --methods learned_default,learned_random --out runs/domains
+    python launch/domains.py --table-only --out runs/domains --csv docs/results/domains.csv
+
+Domains (their data, network, schedule and the domain's own flips and predefined augmentation):
+* ``cifar``: the CIFAR-10 subset (5k/1k, ``launch/cifar_subset.py``), width-16 CIFAR ResNet-18, 32 px;
+* ``ucsb``: UCSB breast histology TIFFs as 64 px tiles (``launch/bach.py``), timm resnet10t;
+* ``ucmerced``: UC Merced land use (700/300, aerial, rotation- and flip-invariant) at 64 px, resnet10t.
+``--selection`` swaps each domain's data for its selection split (training images only, made by
+``launch/selection_split.py``): choices are made there, never on a test split.
+
+Each (domain, method, seed) runs its launch script in its own process (``launch/experiments.run_one``:
+finished runs are reused), ``--jobs`` at a time with ``DALI_BILEVEL_THREADS`` threads each. A method
+``X@eqtime`` is baseline X given the wall time of ``learned_default`` on its domain as extra epochs
+(its epochs times the ratio of the two methods' mean wall times over finished seeds). The table goes to
+``OUT/domains.md`` and one row per run to ``--csv`` (domain,method,seed,test_acc,wall_s,...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from experiments import run_one  # a sibling launch script
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Domain:
+    script: str  # launch/<script>.py
+    data: str
+    selection: str  # the selection split's data (training images only)
+    common: list[str]
+    flips: str
+    predefined: list[str]  # the domain's hand-set augmentation (with its flips)
+    epochs: int
+    notes: str = ""
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+    def epochs_flag(self, epochs: int) -> list[str]:
+        return ["--epochs", str(epochs)]
+
+
+HIST_AFFINE = ["--translate-px", "4", "--rotate-deg", "10", "--scale-range", "0.5,2"]
+DOMAINS: dict[str, Domain] = {
+    "cifar": Domain(
+        "imagenet", str(ROOT / "data" / "cifar10_5k"), str(ROOT / "data" / "cifar10_5k_sel"),
+        ["--model", "cifar_resnet18_w16", "--image-size", "32", "--crop-pct", "1", "--batch-size", "128", "--lr", "0.1",
+         "--nesterov", "--weight-decay", "5e-4", "--schedule", "onecycle", "--train-crop", "center"],
+        "h", ["--augment", "predefined", "--flip", "h", "--translate-px", "4"], 40),
+    "ucsb": Domain(
+        "bach", str(SHARED / "ucsb_breast_tiff"), "",
+        ["--model", "resnet10t", "--tile-size", "64", "--tiles-per-image", "16", "--batch-size", "64", "--lr", "0.05",
+         "--eval-stride", "128"],
+        "hv", ["--augment", "predefined", "--flip", "hv", *HIST_AFFINE], 30,
+        notes="the seed also draws the test slides: compare rows seed by seed"),
+    "ucmerced": Domain(
+        "imagenet", str(SHARED / "ucmerced_jpeg"), str(ROOT / "data" / "ucmerced_sel"),
+        ["--model", "resnet10t", "--image-size", "64", "--crop-pct", "1", "--batch-size", "64", "--lr", "0.05",
+         "--nesterov", "--weight-decay", "5e-4", "--schedule", "onecycle", "--train-crop", "center"],
+        "hv", ["--augment", "predefined", "--flip", "hv", *HIST_AFFINE], 60),
+}
+
+#: method → flags, with {flips} and {predefined} taken from the domain.
+METHODS: dict[str, list[str]] = {
+    "none": ["--augment", "none"],
+    "flips": ["--augment", "predefined", "--flip", "{flips}"],
+    "predefined": ["{predefined}"],
+    "randaugment": ["--augment", "randaugment", "--flip", "{flips}"],
+    "trivialaugment": ["--augment", "trivialaugment", "--flip", "{flips}"],
+    "learned_default": ["--augment", "learned", "--flip", "{flips}"],  # the project's defaults, nothing else
+    "learned_paper": ["--augment", "learned", "--flip", "{flips}", "--preset", "paper"],
+    # The ablations of the signal: the same run with the hypergradient replaced by a random direction of
+    # the same norm, and with the augmenter frozen at its initialisation (it never moves).
+    "learned_random": ["--augment", "learned", "--flip", "{flips}", "--hypergrad-control", "random"],
+    "learned_frozen": ["--augment", "learned", "--flip", "{flips}", "--aug-lr", "0"],
+    # Levers (docs/results.md says which were kept)
+    "learned_bicubic": ["--augment", "learned", "--flip", "{flips}", "--warp-mode", "bicubic"],
+    "learned_on_randaugment": ["--augment", "learned", "--flip", "{flips}", "--base-augment", "randaugment"],
+    "learned_sharpness": ["--augment", "learned", "--flip", "{flips}", "--transforms", "affine,color,sharpness"],
+    "learned_k2": ["--augment", "learned", "--flip", "{flips}", "--unroll", "2"],
+    "learned_prior": ["--augment", "learned", "--flip", "{flips}", "--aug-init-translate-px", "{prior_px}"],
+    "learned_full_batch": ["--augment", "learned", "--flip", "{flips}", "--hyper-batch", "1"],
+}
+
+
+def flags_for(domain: Domain, method: str) -> list[str]:
+    base = method.split("@")[0]
+    size = next((int(v) for k, v in zip(domain.common, domain.common[1:], strict=False)
+                 if k in ("--image-size", "--tile-size")), 32)
+    out = []
+    for f in METHODS[base]:
+        if f == "{predefined}":
+            out += domain.predefined
+        else:
+            out.append(f.format(flips=domain.flips, prior_px=size / 8))
+    return out
+
+
+def wall(out: Path, method: str, seeds: list[int]) -> float | None:
+    """Mean wall time of the finished seeds of a method, or None."""
+    times = []
+    for s in seeds:
+        f = out / f"{method}_s{s}" / "metrics.json"
+        if f.exists():
+            m = json.loads(f.read_text())
+            if len(m["epochs"]) == m["config"]["epochs"]:
+                times.append(m["wall_time_s"])
+    return statistics.mean(times) if times else None
+
+
+def run_task(name: str, domain: Domain, method: str, seed: int, out: Path, selection: bool, log) -> dict | None:
+    data = domain.selection if selection else domain.data
+    if not data or not Path(data).is_dir():
+        log(f"{name}: skipping {method} seed {seed}: no data at {data or '(no selection split)'}")
+        return None
+    epochs = domain.epochs
+    if "@eqtime" in method:  # the baseline given learned_default's wall time as extra epochs
+        base, learned = wall(out, method.split("@")[0], [seed]), wall(out, "learned_default", [seed])
+        if base is None or learned is None:
+            log(f"{name}: {method} seed {seed} waits for its baseline and learned_default runs")
+            return None
+        epochs = max(domain.epochs, round(domain.epochs * learned / base))
+    common = [*domain.common, *domain.epochs_flag(epochs), "--grid-every", str(max(1, epochs // 4)),
+              "--checkpoint-every", "0", "--no-tensorboard"]
+    return run_one(data, out, method, seed, common, log, domain.script, flags_for(domain, method))
+
+
+def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[int], csv_path: Path | None) -> str:
+    lines, rows = [], []
+    for name in domains:
+        out = out_root / name
+        lines += [f"\n### {name}" + (f" ({DOMAINS[name].notes})" if DOMAINS[name].notes else ""), "",
+                  "| method | " + " / ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall vs learned_default |"
+                  " final train loss |", "|---|---|---|---|---|"]
+        ref = wall(out, "learned_default", seeds)
+        for method in methods:
+            accs, cells, losses = [], [], []
+            for s in seeds:
+                f = out / f"{method}_s{s}" / "metrics.json"
+                m = json.loads(f.read_text()) if f.exists() else None
+                if m is None or len(m["epochs"]) != m["config"]["epochs"]:
+                    cells.append("–")
+                    continue
+                last = m["epochs"][-1]
+                acc = last.get("test_image_acc", m["test_acc"]) if name == "ucsb" else m["test_acc"]
+                accs.append(acc)
+                losses.append(last["train_loss"])
+                cells.append(f"{acc:.1f}")
+                rows.append({"domain": name, "method": method, "seed": s, "test_acc": round(acc, 3),
+                             "wall_s": round(m["wall_time_s"], 1), "epochs": m["config"]["epochs"],
+                             "test_tile_acc": round(m["test_acc"], 3) if name == "ucsb" else "",
+                             "final_train_loss": round(last["train_loss"], 4)})
+            if not accs:
+                continue
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            w = wall(out, method, seeds)
+            ratio = f"{w / ref:.2f}x" if w and ref else "-"
+            lines.append(f"| {method} | {' / '.join(cells)} | {statistics.mean(accs):.1f} ± {std:.1f} | {ratio} | "
+                         f"{statistics.mean(losses):.3f} |")
+    if csv_path is not None and rows:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    md = "\n".join(lines) + "\n"
+    (out_root / "domains.md").write_text(md)
+    return md
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domains", default=",".join(DOMAINS))
+    p.add_argument("--methods", default="none,flips,predefined,randaugment,trivialaugment,learned_default")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="runs/domains")
+    p.add_argument("--csv", default="", help="write one row per finished run here (domain,method,seed,test_acc,...)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets DALI_BILEVEL_THREADS threads)")
+    p.add_argument("--selection", action="store_true", help="run on the domains' selection splits (training data)")
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args()
+    domains, methods = a.domains.split(","), a.methods.split(",")
+    unknown = [d for d in domains if d not in DOMAINS] + [m for m in methods if m.split("@")[0] not in METHODS]
+    if unknown:
+        p.error(f"unknown domain or method {unknown}; domains: {', '.join(DOMAINS)}; methods: {', '.join(METHODS)}")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    out_root = Path(a.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(out_root / "runner.log", "a") as fh:
+            fh.write(line + "\n")
+
+    if not a.table_only:
+        os.environ.setdefault("DALI_BILEVEL_THREADS", str(max(1, (os.cpu_count() or 1) // a.jobs)))
+        for phase in (False, True):  # baselines and learned runs first; then the equal-time baselines
+            tasks = [(d, m, s) for d in domains for m in methods for s in seeds if ("@eqtime" in m) == phase]
+            for d in domains:
+                (out_root / d).mkdir(exist_ok=True)
+            with ThreadPoolExecutor(a.jobs) as pool:
+                futures = [pool.submit(run_task, d, DOMAINS[d], m, s, out_root / d, a.selection, log)
+                           for d, m, s in tasks]
+                for f in futures:
+                    f.result()
+    print(table(out_root, domains, methods, seeds, Path(a.csv) if a.csv else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
