@@ -102,7 +102,7 @@ class BilevelGrads:
     val_loss: Tensor  # local L_val at ω', detached
     classifier_grads: list[Tensor]  # process-averaged g: the real step's gradient
     augmenter_grads: list[Tensor]  # process-averaged ∇_θ L_val
-    lookahead: list[Tensor]  # ω', equal to the parameters after the real optimizer step
+    lookahead: list[Tensor] | None  # ω', equal to the parameters after the real optimizer step (if kept)
 
 
 def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
@@ -170,6 +170,47 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
+def real_gradient(model: nn.Module, augmenter: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *,
+                  autocast: Autocast = nullcontext, loss_fn: LossFn = F.cross_entropy,
+                  reduce_mean: ReduceMean = no_reduce) -> tuple[Tensor, list[Tensor]]:
+    """The real step's gradient from a plain pass over the whole batch, in the run's precision (with a
+    hyper-batch, Eq. 7 does not reuse it). It is the real forward: BatchNorm statistics move, once."""
+    _, params = trainable(model)
+    with torch.no_grad():
+        xa = augmenter(x, noise)
+    with autocast():
+        loss = loss_fn(model(xa), y)
+    g = _zeros_for_none(torch.autograd.grad(loss, params, allow_unused=True), params)
+    return loss.detach(), reduce_mean(g)
+
+
+def record_step(model: nn.Module, augmenter: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                noise: Tensor, *, mode: str, passes: Autocast, loss_fn: LossFn, live: bool,
+                real: bool) -> tuple[StepRecord, Tensor, list[Tensor] | None]:
+    """Eq. 3-4 on (x, y) at ω_k: the record Eq. 7 revisits, the local loss, and g_k (None when only the
+    finite difference's kink tape is wanted from a hyper-batch).
+
+    ``live``: the parameters themselves are ω_k's leaves, which holds while no optimizer step comes
+    before Eq. 7 (`bilevel_step`); otherwise a copy (the K-step trace). ``real``: this forward is the
+    real step's (BatchNorm statistics move); else they land on throwaway copies.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--hypergrad: unknown mode {mode!r}; choose {', '.join(MODES)}")
+    names, params = trainable(model)
+    weights = params if live else [p.detach().clone().requires_grad_(True) for p in params]
+    exact = mode == "exact"
+    tape, rng = (None, None) if exact else (KinkTape(), _rng_state(x.device))
+    xa = augmenter(x, noise)
+    need_grad = exact or real  # finite difference needs only the branches of a hyper-batch's forward
+    with passes(), torch.set_grad_enabled(need_grad), tape.record() if tape else nullcontext():
+        loss = _loss_at(model, names, weights, dict(model.named_buffers()), xa, y, loss_fn, scratch=not real)
+    g = None
+    if need_grad:
+        g = _zeros_for_none(torch.autograd.grad(loss, weights, create_graph=exact, allow_unused=True), weights)
+    rec = StepRecord(x, y, noise, weights, g if exact else None, sgd_coefs(optimizer, params), tape, rng)
+    return rec, loss.detach(), g
+
+
 def train_gradient(
     model: nn.Module,
     augmenter: nn.Module,
@@ -185,42 +226,24 @@ def train_gradient(
     loss_fn: LossFn = F.cross_entropy,
     hyper_batch: int = 0,
 ) -> tuple[StepRecord, Tensor, list[Tensor]]:
-    """Eq. 3-4 for the real train step k: returns its record, the local loss and the averaged g.
+    """Eq. 3-4 for one of the K real steps the hypergradient unrolls: its record (ω_k copied, since the
+    real step moves the parameters before Eq. 7), the local loss and the averaged g of the real step.
 
-    The full-batch forward is the real one: it updates BatchNorm running statistics, once. ``x`` is
-    already flipped (predefined, outside the graph). With ``hyper_batch = b`` in (0, B) the record
-    holds the first b samples (see the module's docstring); otherwise the whole batch, whose g is
-    then both the real step's gradient and Eq. 7's.
+    ``x`` is already flipped (predefined, outside the graph). With ``hyper_batch = b`` in (0, B) the
+    record holds the first b samples and g comes from a plain full-batch pass; otherwise one pass
+    gives both.
     """
-    if mode not in MODES:
-        raise ValueError(f"--hypergrad: unknown mode {mode!r}; choose {', '.join(MODES)}")
-    names, params = trainable(model)
-    buffers = dict(model.named_buffers())
     noise = augmenter.sample_noise(x.shape[0]) if noise is None else noise
-    coefs = sgd_coefs(optimizer, params)
-    exact = mode == "exact"
     passes = bilevel_autocast(autocast, precision, x.device)
-    weights = [p.detach().clone().requires_grad_(True) for p in params]
-    full = not 0 < hyper_batch < x.shape[0]
-    if not full:  # the real step: a plain pass over the whole batch, in the run's precision
-        with torch.no_grad():
-            xa = augmenter(x, noise)
-        with autocast():
-            loss = loss_fn(model(xa), y)
-        g_real = _zeros_for_none(torch.autograd.grad(loss, params, allow_unused=True), params)
-        x, y, noise = x[:hyper_batch], y[:hyper_batch], noise[:hyper_batch]
-    tape, rng = (None, None) if exact else (KinkTape(), _rng_state(x.device))
-    xa = augmenter(x, noise)
-    need_grad = exact or full  # finite difference needs only the branches of the hyper-batch's forward
-    with passes(), torch.set_grad_enabled(need_grad), tape.record() if tape else nullcontext():
-        rec_loss = _loss_at(model, names, weights, buffers, xa, y, loss_fn, scratch=not full)
-    g = None
-    if need_grad:
-        g = _zeros_for_none(torch.autograd.grad(rec_loss, weights, create_graph=exact, allow_unused=True), weights)
-    if full:
-        loss, g_real = rec_loss, g
-    g_bar = reduce_mean([gi.detach() for gi in g_real])
-    return StepRecord(x, y, noise, weights, g if exact else None, coefs, tape, rng), loss.detach(), g_bar
+    kw = dict(mode=mode, passes=passes, loss_fn=loss_fn, live=False)
+    if 0 < hyper_batch < x.shape[0]:
+        loss, g_bar = real_gradient(model, augmenter, x, y, noise, autocast=autocast, loss_fn=loss_fn,
+                                    reduce_mean=reduce_mean)
+        b = hyper_batch
+        rec, _, _ = record_step(model, augmenter, optimizer, x[:b], y[:b], noise[:b], real=False, **kw)
+        return rec, loss, g_bar
+    rec, loss, g = record_step(model, augmenter, optimizer, x, y, noise, real=True, **kw)
+    return rec, loss, reduce_mean([gi.detach() for gi in g])
 
 
 def _products(model: nn.Module, augmenter: nn.Module, rec: StepRecord, lam: list[Tensor], want_hvp: bool, *,
@@ -258,6 +281,43 @@ def _products(model: nn.Module, augmenter: nn.Module, rec: StepRecord, lam: list
     return out[: len(theta)], (out[len(theta) :] if want_hvp else None)
 
 
+def sgd_adjoint(lam_w: list[Tensor], lam_b: list[Tensor | None], coefs: Sequence[SGDCoef],
+                last: bool) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Adjoint of one SGD step ω' = ω − lr·s, s = d + μb' (Nesterov) or b', b' = μb + (1−τ)d, d = g + wd·ω:
+    from the adjoints of ω' and b', those of d (λ_d, what Eq. 7 contracts with ∂g/∂θ) and of b.
+
+    A zero adjoint is None (no parameter-sized zeros). ``last`` (the first step of the unroll): nothing
+    earlier needs λ_ω or λ_b, so λ_d is made in place from λ_ω.
+    """
+    lam_d, lam_b_prev = [], []
+    for lw, lb, c in zip(lam_w, lam_b, coefs, strict=True):
+        kb = 1.0 if c.first else 1 - c.dampening  # ∂b'/∂d
+        if lb is None:  # λ_d is a multiple of λ_ω
+            factor = -c.lr * ((1 + c.momentum * kb if c.nesterov else kb) if c.momentum else 1.0)
+            lb_total = None
+            if c.momentum and not last and not c.first:
+                lb_total = lw * (-c.lr * (c.momentum if c.nesterov else 1.0))
+            ld = lw.mul_(factor) if last else lw * factor
+        else:
+            ls = -c.lr * lw
+            lb_total = lb + (c.momentum * ls if c.nesterov else ls)
+            ld = (ls if c.nesterov else 0) + kb * lb_total
+        lam_b_prev.append(None if lb_total is None else c.momentum * lb_total)
+        lam_d.append(ld)
+    return lam_d, lam_b_prev
+
+
+def validation_adjoint(model: nn.Module, final_weights: Sequence[Tensor], x_val: Tensor, y_val: Tensor, *,
+                       passes: Autocast, loss_fn: LossFn, reduce_mean: ReduceMean) -> tuple[Tensor, list[Tensor]]:
+    """Eq. 6: L_val at ω_K on an unaugmented batch, and its process-averaged gradient (the adjoint of ω_K)."""
+    names, _ = trainable(model)
+    w_final = [w.detach().requires_grad_(True) for w in final_weights]
+    with passes():
+        val_loss = _loss_at(model, names, w_final, dict(model.named_buffers()), x_val, y_val, loss_fn, scratch=True)
+    v = torch.autograd.grad(val_loss, w_final, allow_unused=True)
+    return val_loss.detach(), reduce_mean(_zeros_for_none(v, w_final))
+
+
 def hypergradient(
     model: nn.Module,
     augmenter: nn.Module,
@@ -278,30 +338,14 @@ def hypergradient(
     ``trace`` holds the K recorded steps ω_0 → ω_K in order; ``final_weights`` is ω_K (the
     look-ahead, or the real parameters after the K real steps). Pure: writes no ``.grad``.
     """
-    names, _ = trainable(model)
-    buffers = dict(model.named_buffers())
     passes = bilevel_autocast(autocast, precision, x_val.device)
-    w_final = [w.detach().requires_grad_(True) for w in final_weights]
-    with passes():
-        val_loss = _loss_at(model, names, w_final, buffers, x_val, y_val, loss_fn, scratch=True)
-    v = torch.autograd.grad(val_loss, w_final, allow_unused=True)
-    lam_w = reduce_mean(_zeros_for_none(v, w_final))  # adjoint of ω_K
-    lam_b = [torch.zeros_like(w) for w in lam_w]  # adjoint of the momentum buffer b_K (unused by L_val)
+    val_loss, lam_w = validation_adjoint(model, final_weights, x_val, y_val, passes=passes, loss_fn=loss_fn,
+                                         reduce_mean=reduce_mean)
+    lam_b: list[Tensor | None] = [None] * len(lam_w)  # adjoint of the momentum buffer b_K: 0 (L_val ignores it)
     theta_grad: list[Tensor] | None = None
     for k in range(len(trace) - 1, -1, -1):
         rec = trace[k]
-        # Adjoint of one SGD step: ω' = ω − lr·s,  s = d + μb' (Nesterov) or b',  b' = μb + (1−τ)d,  d = g + wd·ω.
-        lam_d, lam_b_prev = [], []
-        for lw, lb, c in zip(lam_w, lam_b, rec.coefs, strict=True):
-            ls = -c.lr * lw
-            if c.momentum:
-                lb_total = lb + (c.momentum * ls if c.nesterov else ls)
-                ld = (ls if c.nesterov else 0) + (1.0 if c.first else 1 - c.dampening) * lb_total
-                lam_b_prev.append(torch.zeros_like(lb) if c.first else c.momentum * lb_total)
-            else:
-                ld = ls
-                lam_b_prev.append(torch.zeros_like(lb))
-            lam_d.append(ld)
+        lam_d, lam_b_prev = sgd_adjoint(lam_w, lam_b, rec.coefs, last=k == 0)
         th, hvp = _products(model, augmenter, rec, lam_d, want_hvp=k > 0, mode=mode, passes=passes,
                             loss_fn=loss_fn, fd_eps=fd_eps)
         theta_grad = th if theta_grad is None else [a + b for a, b in zip(theta_grad, th, strict=True)]
@@ -309,7 +353,7 @@ def hypergradient(
             hvp = reduce_mean(hvp)
             lam_w = [lw + c.weight_decay * ld + h for lw, ld, h, c in zip(lam_w, lam_d, hvp, rec.coefs, strict=True)]
             lam_b = lam_b_prev
-    return val_loss.detach(), reduce_mean(theta_grad)
+    return val_loss, reduce_mean(theta_grad)
 
 
 def bilevel_step(
@@ -329,19 +373,40 @@ def bilevel_step(
     loss_fn: LossFn = F.cross_entropy,
     fd_eps: float = 0.01,
     hyper_batch: int = 0,
+    keep_lookahead: bool = True,
 ) -> BilevelGrads:
-    """The paper's K = J = 1 step, pure: look-ahead ω' from the real optimizer state, then Eq. 7.
+    """The paper's K = 1 step, pure: g (Eq. 4), ω' from the real optimizer state (Eq. 5), L_val at ω'
+    and its adjoint (Eq. 6), then Eq. 7 with the live parameters as ω (nothing has stepped yet).
 
-    ``model`` is the unwrapped classifier (not DDP) in train mode; ``x_val`` is unaugmented.
-    The caller's real step with ``classifier_grads`` lands exactly on ``lookahead``.
+    ``model`` is the unwrapped classifier (not DDP) in train mode; ``x_val`` is unaugmented. The
+    caller's real step with ``classifier_grads`` lands exactly on ``lookahead`` (None unless kept).
+    The order keeps at most two parameter-sized copies beside the model (ω' until its adjoint is
+    taken, then λ and g_k), and with a hyper-batch the record is made only after ω' is gone.
     """
-    kw = dict(mode=mode, reduce_mean=reduce_mean, autocast=autocast, precision=precision, loss_fn=loss_fn)
-    rec, loss, g_bar = train_gradient(model, augmenter, optimizer, x_tr, y_tr, noise=noise, hyper_batch=hyper_batch,
-                                      **kw)
+    noise = augmenter.sample_noise(x_tr.shape[0]) if noise is None else noise
+    passes = bilevel_autocast(autocast, precision, x_tr.device)
     _, params = trainable(model)
+    coefs = sgd_coefs(optimizer, params)
+    kw = dict(mode=mode, passes=passes, loss_fn=loss_fn, live=True)
+    hyper = 0 < hyper_batch < x_tr.shape[0]
+    if hyper:
+        loss, g_bar = real_gradient(model, augmenter, x_tr, y_tr, noise, autocast=autocast, loss_fn=loss_fn,
+                                    reduce_mean=reduce_mean)
+    else:
+        rec, loss, g = record_step(model, augmenter, optimizer, x_tr, y_tr, noise, real=True, **kw)
+        g_bar = reduce_mean([gi.detach() for gi in g])
     lookahead, _ = sgd_lookahead(optimizer, params, g_bar)
-    val_loss, theta_grad = hypergradient(model, augmenter, [rec], lookahead, x_val, y_val, fd_eps=fd_eps, **kw)
-    return BilevelGrads(loss, val_loss, g_bar, theta_grad, lookahead)
+    val_loss, lam_w = validation_adjoint(model, lookahead, x_val, y_val, passes=passes, loss_fn=loss_fn,
+                                         reduce_mean=reduce_mean)
+    if not keep_lookahead:
+        lookahead = None
+    lam_d, _ = sgd_adjoint(lam_w, [None] * len(lam_w), coefs, last=True)
+    if hyper:
+        b = hyper_batch
+        rec, _, _ = record_step(model, augmenter, optimizer, x_tr[:b], y_tr[:b], noise[:b], real=False, **kw)
+    theta_grad, _ = _products(model, augmenter, rec, lam_d, want_hvp=False, mode=mode, passes=passes,
+                              loss_fn=loss_fn, fd_eps=fd_eps)
+    return BilevelGrads(loss, val_loss, g_bar, reduce_mean(theta_grad), lookahead)
 
 
 def random_direction(grads: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:

@@ -30,6 +30,7 @@ from dali_bilevel.hypergrad import (
     NoDoubleBackward,
     ReduceMean,
     StepRecord,
+    bilevel_step,
     hypergradient,
     random_direction,
     train_gradient,
@@ -218,6 +219,7 @@ class BilevelStep(Step):
         self.on_switch = on_switch
         self.theta = list(augmenter.parameters())
         self.trace: list[StepRecord] = []
+        self._pending: tuple[Tensor, list[Tensor]] | None = None
         self.window_inf = torch.zeros((), device=self.sums.device)
         self.i = 0
         self.val_batches: Iterator | None = None
@@ -232,7 +234,7 @@ class BilevelStep(Step):
 
     def begin_epoch(self, epoch: int, start: int, val_batches: Iterator | None = None) -> None:
         super().begin_epoch(epoch, start)
-        self.i, self.trace, self.val_batches = start, [], val_batches
+        self.i, self.trace, self._pending, self.val_batches = start, [], None, val_batches
         self.window_inf.zero_()
 
     def augment(self, x: Tensor) -> Tensor:
@@ -240,7 +242,10 @@ class BilevelStep(Step):
             return self.augmenter(super().augment(x))
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
-        if self.i % self.J >= self.J - self.K:  # one of the K steps Eq. 7 unrolls: keep what it revisits
+        last = self.i % self.J == self.J - 1  # θ's update comes after this step
+        if self.K == 1 and last:  # the paper's step: one pure function, the live parameters as ω
+            loss, found = self._paper_step(x, y)
+        elif self.i % self.J >= self.J - self.K:  # one of the K steps Eq. 7 unrolls: keep what it revisits
             x = super().augment(x)  # flips only: the augmenter runs inside, with its graph
             rec, loss, g = train_gradient(
                 self.unwrapped, self.augmenter, self.opt, x, y, mode=self.mode, reduce_mean=self.reduce_mean,
@@ -257,37 +262,64 @@ class BilevelStep(Step):
         self.window_inf += found
         self._update(found)
         self._count(loss)
-        if self.i % self.J == self.J - 1 and self.trace:
-            self._augmenter_update()
+        if last and (self.trace or self._pending):
+            self._theta_step(*self._hypergradient())
         self.i += 1
 
-    def _augmenter_update(self) -> None:
-        """Eq. 6-8: θ follows the validation loss at the weights the K real steps reached."""
+    def _val_batch(self) -> tuple[Tensor, Tensor]:
         xv, yv, *_ = next(self.val_batches)
         b = self.hyper_batch or xv.shape[0]
-        xv, yv = xv[:b].contiguous(memory_format=self.memory_format), yv[:b]
+        return xv[:b].contiguous(memory_format=self.memory_format), yv[:b]
+
+    def _paper_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """K = 1: `bilevel_step` before ω moves, then θ's update; returns the loss and ω's skip flag."""
+        x, (xv, yv) = super().augment(x), self._val_batch()
+        kw = dict(reduce_mean=self.reduce_mean, autocast=self.precision.plain, precision=self.precision.hypergrad,
+                  hyper_batch=self.hyper_batch, keep_lookahead=False)
         try:
-            val_loss, h = hypergradient(self.unwrapped, self.augmenter, self.trace, self.params, xv, yv,
-                                        mode=self.mode, reduce_mean=self.reduce_mean, autocast=self.precision.plain,
-                                        precision=self.precision.hypergrad)
+            out = bilevel_step(self.unwrapped, self.augmenter, self.opt, x, y, xv, yv, mode=self.mode, **kw)
+        except NoDoubleBackward as e:
+            self._switch(e)
+            out = bilevel_step(self.unwrapped, self.augmenter, self.opt, x, y, xv, yv, mode=self.mode, **kw)
+        for p, g in zip(self.params, out.classifier_grads, strict=True):
+            p.grad = g  # ω's real step: the gradient the look-ahead used
+        self._pending = (out.val_loss, out.augmenter_grads)  # θ's update, once ω has stepped
+        return out.train_loss, self.scale.clean
+
+    def _hypergradient(self) -> tuple[Tensor, list[Tensor]] | tuple[None, None]:
+        """Eq. 6-7 through the recorded K steps (or the K = 1 step's, already computed)."""
+        if self.K == 1:
+            return self._pending
+        xv, yv = self._val_batch()
+        try:
+            return hypergradient(self.unwrapped, self.augmenter, self.trace, self.params, xv, yv, mode=self.mode,
+                                 reduce_mean=self.reduce_mean, autocast=self.precision.plain,
+                                 precision=self.precision.hypergrad)
         except NoDoubleBackward as e:  # this window's records lack what finite difference needs: skip it
-            self.mode = "finite_difference"
-            self.on_switch(f"warning: exact hypergradient impossible ({e}); switching to --hypergrad "
-                           "finite_difference for the rest of the run")
-            self.trace = []
+            self._switch(e)
+            return None, None
+
+    def _switch(self, e: Exception) -> None:
+        self.mode = "finite_difference"
+        self.on_switch(f"warning: exact hypergradient impossible ({e}); switching to --hypergrad "
+                       "finite_difference for the rest of the run")
+
+    def _theta_step(self, val_loss: Tensor | None, h: list[Tensor] | None) -> None:
+        """Eq. 8: θ follows the hypergradient; a non-finite one (or a skipped ω step) never reaches θ."""
+        self.trace, self._pending = [], None
+        if h is None:
             return
         if self.control == "random":  # the ablation: same norm, no signal
             h = random_direction(h)
-        found = (finite_flag(h) + self.window_inf).clamp(max=1)  # a skipped ω step also voids the window
+        found = (finite_flag(h) + self.window_inf).clamp(max=1)
         for t, hi in zip(self.theta, h, strict=True):
             t.grad = hi
-        self.aug_opt.found_inf = found  # fused Adam: a non-finite hypergradient never reaches θ
+        self.aug_opt.found_inf = found  # fused Adam skips on the device
         self.aug_opt.step()
         self.aug_opt.zero_grad(set_to_none=True)
         self.sums[2] += val_loss.double()
         self.sums[3] += 1 - found
         self.sums[4] += found
-        self.trace = []
         self.window_inf.zero_()
 
     def at_boundary(self) -> bool:

@@ -6,7 +6,7 @@ synthetic batches, so what is timed is what `training_function` runs. Prints a t
 
 Each row runs in its own child process (one process, no distribution), so its peak memory is its own:
 on CUDA ``max_memory_allocated``; on the CPU the child's peak resident set above its resident set
-after set-up. Warm-up cycles first, then the median of timed cycles of lcm(J) steps, per step.
+after set-up. Warm-up cycles first, then the median of timed cycles (whole windows of J steps, at least 8), per step.
 The row of the project's default ``--augment learned`` configuration carries ``"default": true``.
 """
 
@@ -33,6 +33,9 @@ ROWS: dict[str, dict] = {
     "exact_j4": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 1.0},
     "exact_j4_hb0.25": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.25},
     "exact_j8_hb0.25": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25},
+    "exact_j12_hb0.25": {"hypergrad": "exact", "aug_period": 12, "hyper_batch": 0.25},
+    "exact_j4_hb0.125": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.125},
+    "exact_j8_hb0.125": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.125},
     "exact_k2_j4_hb0.25": {"hypergrad": "exact", "aug_period": 4, "unroll": 2, "hyper_batch": 0.25},
     "fd_j1": {"hypergrad": "finite_difference", "aug_period": 1, "hyper_batch": 1.0},
     "fd_j4_hb0.25": {"hypergrad": "finite_difference", "aug_period": 4, "hyper_batch": 0.25},
@@ -66,7 +69,8 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue) -> None:
             yield x, y
 
     step.begin_epoch(0, 0, val_stream())
-    cycle = 8  # a multiple of every J above: every row times whole windows
+    period = overrides.get("aug_period", 1)
+    cycle = period * -(-8 // period)  # whole windows of J steps, at least 8 steps
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -109,8 +113,8 @@ def main() -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up cycles of 8 steps")
-    p.add_argument("--repeats", type=int, default=3, help="timed cycles of 8 steps")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up cycles (at least 8 steps each)")
+    p.add_argument("--repeats", type=int, default=3, help="timed cycles (at least 8 steps each)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
     p.add_argument("--out", default="docs/benchmarks/step.json")
     args = p.parse_args()

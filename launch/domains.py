@@ -61,7 +61,7 @@ DOMAINS: dict[str, Domain] = {
         "imagenet", str(ROOT / "data" / "cifar10_5k"), str(ROOT / "data" / "cifar10_5k_sel"),
         ["--model", "cifar_resnet18_w16", "--image-size", "32", "--crop-pct", "1", "--batch-size", "128", "--lr", "0.1",
          "--nesterov", "--weight-decay", "5e-4", "--schedule", "onecycle", "--train-crop", "center"],
-        "h", ["--augment", "predefined", "--flip", "h", "--translate-px", "4"], 40),
+        "h", ["--augment", "predefined", "--flip", "h", "--translate-px", "4"], 24),
     "ucsb": Domain(
         "bach", str(SHARED / "ucsb_breast_tiff"), "",
         ["--model", "resnet10t", "--tile-size", "64", "--tiles-per-image", "16", "--batch-size", "64", "--lr", "0.05",
@@ -72,7 +72,7 @@ DOMAINS: dict[str, Domain] = {
         "imagenet", str(SHARED / "ucmerced_jpeg"), str(ROOT / "data" / "ucmerced_sel"),
         ["--model", "resnet10t", "--image-size", "64", "--crop-pct", "1", "--batch-size", "64", "--lr", "0.05",
          "--nesterov", "--weight-decay", "5e-4", "--schedule", "onecycle", "--train-crop", "center"],
-        "hv", ["--augment", "predefined", "--flip", "hv", *HIST_AFFINE], 60),
+        "hv", ["--augment", "predefined", "--flip", "hv", *HIST_AFFINE], 50),
 }
 
 #: method → flags, with {flips} and {predefined} taken from the domain.
@@ -96,6 +96,18 @@ METHODS: dict[str, list[str]] = {
     "learned_prior": ["--augment", "learned", "--flip", "{flips}", "--aug-init-translate-px", "{prior_px}"],
     "learned_full_batch": ["--augment", "learned", "--flip", "{flips}", "--hyper-batch", "1"],
 }
+#: The candidates for the learned default, compared on the selection splits (explicit flags, so that
+#: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, then one lever each.
+_SEL = ["--augment", "learned", "--flip", "{flips}", "--val-fraction", "0", "--aug-period", "8", "--hyper-batch",
+        "0.25", "--transforms", "affine,color"]
+METHODS.update({
+    "sel_base": _SEL,
+    "sel_bicubic": [*_SEL, "--warp-mode", "bicubic"],
+    "sel_on_randaugment": [*_SEL, "--warp-mode", "bicubic", "--base-augment", "randaugment"],
+    "sel_sharpness": [*_SEL, "--warp-mode", "bicubic", "--transforms", "affine,color,sharpness"],
+    "sel_lr3e-3": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "3e-3"],
+    "sel_j4": [*_SEL, "--warp-mode", "bicubic", "--aug-period", "4"],
+})
 
 
 def flags_for(domain: Domain, method: str) -> list[str]:

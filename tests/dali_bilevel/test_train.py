@@ -54,13 +54,14 @@ def test_period_and_unroll_count_updates(shapes_dir, tmp_path, period, unroll):
 
 
 def test_nonfinite_hypergradient_never_reaches_theta(shapes_dir, tmp_path, monkeypatch):
-    real = steps_mod.hypergradient
+    real = steps_mod.bilevel_step  # the K = 1 step's hypergradient (K > 1 goes through steps_mod.hypergradient)
 
     def poisoned(*args, **kwargs):
-        val_loss, h = real(*args, **kwargs)
-        return val_loss, [torch.full_like(t, float("nan")) for t in h]
+        out = real(*args, **kwargs)
+        out.augmenter_grads = [torch.full_like(t, float("nan")) for t in out.augmenter_grads]
+        return out
 
-    monkeypatch.setattr(steps_mod, "hypergradient", poisoned)
+    monkeypatch.setattr(steps_mod, "bilevel_step", poisoned)
     m = training_function(config(shapes_dir, tmp_path))
     e = m["epochs"][0]
     assert e["aug_updates"] == 0 and e["aug_skipped_nonfinite"] == 4
