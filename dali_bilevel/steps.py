@@ -166,8 +166,9 @@ class PlainStep(Step):
             return self.transform(x)
 
 
-class STNStep(Step):
-    """Table 1's STN-invariant baseline: θ follows the training loss with ω, and is applied at test time."""
+class AugmenterStep(Step):
+    """A step that trains the augmenter too: it owns θ, its optimizer and the hand-made all-reduce (the
+    augmenter is not DDP-wrapped), and both are checkpointed."""
 
     def __init__(self, *args: Any, augmenter: nn.Module, aug_opt: torch.optim.Optimizer,
                  reduce_mean: ReduceMean) -> None:
@@ -182,6 +183,10 @@ class STNStep(Step):
     @property
     def optimizers(self) -> dict[str, Any]:
         return {**super().optimizers, "aug_opt": self.aug_opt}
+
+
+class STNStep(AugmenterStep):
+    """Table 1's STN-invariant baseline: θ follows the training loss with ω, and is applied at test time."""
 
     def augment(self, x: Tensor) -> Tensor:
         return self.augmenter(super().augment(x))  # with its graph: θ learns from this loss
@@ -206,31 +211,21 @@ class STNStep(Step):
         return nn.Sequential(self.augmenter, self.unwrapped)
 
 
-class BilevelStep(Step):
+class BilevelStep(AugmenterStep):
     """Eq. 3-8: every step is ω's real step; the K steps before each J-th one are recorded, and at
     the J-th θ follows the hypergradient of an unaugmented validation batch through them."""
 
     def __init__(self, *args: Any, augmenter: nn.Module, aug_opt: torch.optim.Optimizer, reduce_mean: ReduceMean,
                  K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none",
                  on_switch: Callable[[str], None] = print) -> None:
-        super().__init__(*args)
-        self.augmenter, self.aug_opt, self.reduce_mean = augmenter, aug_opt, reduce_mean
+        super().__init__(*args, augmenter=augmenter, aug_opt=aug_opt, reduce_mean=reduce_mean)
         self.K, self.J, self.mode, self.hyper_batch, self.control = K, J, mode, hyper_batch, control
         self.on_switch = on_switch
-        self.theta = list(augmenter.parameters())
         self.trace: list[StepRecord] = []
         self._pending: tuple[Tensor, list[Tensor]] | None = None
         self.window_inf = torch.zeros((), device=self.sums.device)
         self.i = 0
         self.val_batches: Iterator | None = None
-
-    @property
-    def modules(self) -> dict[str, nn.Module]:
-        return {**super().modules, "augmenter": self.augmenter}
-
-    @property
-    def optimizers(self) -> dict[str, Any]:
-        return {**super().optimizers, "aug_opt": self.aug_opt}
 
     def begin_epoch(self, epoch: int, start: int, val_batches: Iterator | None = None) -> None:
         super().begin_epoch(epoch, start)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -331,6 +332,36 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         save_policy(step.augmenter, out_dir / "augmenter.pt")
     acc.end_training()
     return metrics
+
+
+def run_main(argv: list[str] | None, config_cls: type, make_data: Callable[..., BilevelData],
+             summary: Callable[[dict[str, Any], TrainConfig], str | None]) -> int:
+    """A launch script's whole life: parse, train, one line per outcome. Exit 2 for bad flags or data (one
+    line naming them), 1 for a diverged run, 0 after a preemption's checkpoint or a finished run."""
+    from accelerate import PartialState
+
+    from dali_bilevel.config import parse_config
+
+    try:
+        cfg = parse_config(argv, config_cls)
+    except ValueError as e:  # a flag the config rejects
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        metrics = training_function(cfg, make_data=make_data)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
+        print(str(e), file=sys.stderr)
+        return 0
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    line = summary(metrics, cfg)
+    if line and PartialState().is_main_process:  # the summary once, not once per process
+        print(line)
+    return 0
 
 
 def log_progress(acc: Accelerator, cfg: TrainConfig, step: Step, bar: tqdm, where: str, img_s: float,

@@ -13,35 +13,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate import PartialState
-
-from dali_bilevel.config import parse_config
 from dali_bilevel.histology import TileConfig, TileData
-from dali_bilevel.train import Diverged, Preempted, SetupError, training_function
+from dali_bilevel.train import run_main
+
+
+def summary(metrics: dict, cfg: TileConfig) -> str | None:
+    last = metrics["epochs"][-1] if metrics.get("epochs") else {}
+    if "test_image_acc" not in last:
+        return None
+    return (f"final test accuracy {last['test_image_acc']:.2f}% per image, {last['test_acc']:.2f}% per tile; "
+            f"outputs in {cfg.output}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv, TileConfig)
-    except ValueError as e:  # a flag TileConfig rejects
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        metrics = training_function(cfg, make_data=TileData)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
-        print(str(e), file=sys.stderr)
-        return 0
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    last = metrics["epochs"][-1] if metrics.get("epochs") else {}
-    if "test_image_acc" in last and PartialState().is_main_process:  # once, not once per process
-        print(f"final test accuracy {last['test_image_acc']:.2f}% per image, {last['test_acc']:.2f}% per tile; "
-              f"outputs in {cfg.output}")
-    return 0
+    return run_main(argv, TileConfig, TileData, summary)
 
 
 if __name__ == "__main__":

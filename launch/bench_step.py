@@ -5,8 +5,11 @@ synthetic batches, so what is timed is what `training_function` runs. Prints a t
     python launch/bench_step.py --model resnet18 --image-size 32 --batch-size 128 --out docs/benchmarks/step_cpu.json
 
 Each row runs in its own child process (one process, no distribution), so its peak memory is its own:
-on CUDA ``max_memory_allocated``; on the CPU the child's peak resident set above its resident set
-after set-up. Warm-up cycles first, then the median of timed cycles (whole windows of J steps, at least 8), per step.
+on CUDA ``max_memory_allocated``; on the CPU the peak resident set above the one after set-up, in a
+second child started with ``MALLOC_MMAP_THRESHOLD_=65536``, so that every tensor buffer is its own
+mapping, returned when freed, and the resident set follows the live tensors (glibc's default keeps
+freed buffers of up to 32 MB in its heap, which measured allocator history, not tensors). Warm-up
+cycles first, then the median of timed cycles (whole windows of J steps, at least 8), per step.
 The row of the project's default ``--augment learned`` configuration carries ``"default": true``.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -42,7 +46,7 @@ ROWS: dict[str, dict] = {
 }
 
 
-def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue) -> None:
+def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue, memory_only: bool = False) -> None:
     import torch
     from accelerate import Accelerator
 
@@ -82,7 +86,7 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue) -> None:
     for _ in range(args.warmup * cycle):
         step(x, y)
     times = []
-    for _ in range(args.repeats):
+    for _ in range(0 if memory_only else args.repeats):
         sync()
         t = time.perf_counter()
         for _ in range(cycle):
@@ -93,7 +97,16 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is in KiB on Linux
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    queue.put({"times_s": times, "median_s": statistics.median(times), "peak_mb": peak_mb})
+    queue.put({"times_s": times, "median_s": statistics.median(times) if times else None, "peak_mb": peak_mb})
+
+
+def child(ctx: mp.context.BaseContext, args: argparse.Namespace, overrides: dict, memory_only: bool = False) -> dict:
+    q = ctx.Queue()
+    proc = ctx.Process(target=run_row, args=(args, overrides, q, memory_only))
+    proc.start()
+    res = q.get()
+    proc.join()
+    return res
 
 
 def default_overrides() -> dict:
@@ -133,11 +146,11 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     rows = []
     for name in names:
-        q = ctx.Queue()
-        proc = ctx.Process(target=run_row, args=(args, ROWS[name], q))
-        proc.start()
-        res = q.get()
-        proc.join()
+        res = child(ctx, args, ROWS[name])
+        if args.device == "cpu":  # peak memory from a child whose resident set follows the live tensors
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            res["peak_mb"] = child(ctx, args, ROWS[name], memory_only=True)["peak_mb"]
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
         learned = ROWS[name].get("augment", "learned") == "learned"
         is_default = learned and all(ROWS[name].get(k, v) == v for k, v in default.items())
         rows.append({"name": name, **ROWS[name], "default": is_default, **res})

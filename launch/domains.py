@@ -26,14 +26,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from experiments import run_one  # a sibling launch script
+from experiments import run_one, runner_log  # a sibling launch script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -214,12 +213,7 @@ def main() -> int:
     out_root = Path(a.out)
     out_root.mkdir(parents=True, exist_ok=True)
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        with open(out_root / "runner.log", "a") as fh:
-            fh.write(line + "\n")
-
+    log = runner_log(out_root)
     if not a.table_only:
         os.environ.setdefault("DALI_BILEVEL_THREADS", str(max(1, (os.cpu_count() or 1) // a.jobs)))
         for phase in (False, True):  # baselines and learned runs first; then the equal-time baselines

@@ -84,6 +84,18 @@ VALIDATED = "validated"
 VALIDATED_FLAGS = ["--augment", "predefined", "--flip", "h", "--train-crop", "center"]  # + --affine-magnitude M
 
 
+def runner_log(out: Path):
+    """Progress lines with the time, to stdout and OUT/runner.log."""
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(out / "runner.log", "a") as fh:
+            fh.write(line + "\n")
+
+    return log
+
+
 def run_one(data: str, out: Path, method: str, seed: int, common: list[str], log, script: str = "imagenet",
             flags: list[str] | None = None) -> dict:
     run_dir = out / f"{method}_s{seed}"
@@ -250,11 +262,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        with open(out / "runner.log", "a") as fh:
-            fh.write(line + "\n")
+    log = runner_log(out)
 
     def run(m: str, s: int) -> dict:
         if m == VALIDATED:
