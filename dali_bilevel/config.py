@@ -46,7 +46,9 @@ class TrainConfig:
                          "other augmenting modes from 128 px up: ImageNet; centre for small images)",
                          choices=("auto", "random", "center"))
     skip_unreadable: bool = _f(False, "skip unreadable image files (they are listed) instead of stopping")
-    val_fraction: float = _f(0.2, "share of the training set re-drawn every epoch as the augmenter's validation split")
+    val_fraction: float = _f(0.0, "share of the training set re-drawn every epoch as the augmenter's validation split "
+                             "(0: the classifier trains on everything and validation batches are other random "
+                             "batches of it; measured better on small data, docs/results.md; the paper: 0.2)")
     eval_val_every: int = _f(0, "score the validation split (the augmenter's, or --holdout's) every N epochs and "
                              "at the last one (0: never, except a --holdout run's last epoch, which chooses with it)")
     scan_cache: str = _f("auto", "folder for the cached file scan, shared by all processes (auto: "
@@ -97,14 +99,15 @@ class TrainConfig:
     aug_init_translate_px: float = _f(0.0, "start the learned augmenter as a uniform random translation of +- "
                                       "this many pixels through a learnable noise path (0: start at identity)")
     padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
-    warp_mode: str = _f("bilinear", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
+    warp_mode: str = _f("bicubic", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
                         choices=("bilinear", "bicubic"))
     hypergrad: str = _f("exact", "hypergradient: exact double backward (switches to finite difference, with a "
                         "warning, if the model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))
-    aug_period: int = _f(1, "J: update the augmenter every J classifier steps")
+    aug_period: int = _f(8, "J: update the augmenter every J classifier steps (8: 1.2-1.3x a plain step's cost, "
+                         "docs/benchmarks/step_cpu.md; the paper: 1)")
     unroll: int = _f(1, "K: unrolled classifier steps the hypergradient looks through (K <= J)")
-    hyper_batch: float = _f(1.0, "share of the train batch whose second-order products form the hypergradient, "
+    hyper_batch: float = _f(0.25, "share of the train batch whose second-order products form the hypergradient, "
                             "and the validation batch's size (the real step keeps the full batch); 1: the paper")
     hypergrad_precision: str = _f("fp32", "the unrolled steps, validation pass and second-order products: fp32 (TF32 "
                                   "off; cosine > 0.99 to float64) or autocast (the --mixed-precision, faster, cosine "
