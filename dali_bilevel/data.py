@@ -405,6 +405,8 @@ class FolderData:
         per = max(1, round(share * self.per_proc))
         b = per * self.acc.num_processes
         n = n_batches * b
+        if n == 0:  # an epoch without θ's update
+            return iter(())
         rng = epoch_rng(self.cfg.seed, epoch, 2)
         order = np.concatenate([rng.permutation(va) for _ in range(-(-n // len(va)))])[:n]  # as stream_list
         if start * b >= len(order):

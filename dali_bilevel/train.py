@@ -9,6 +9,7 @@ ends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -257,6 +258,13 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
             raise ValueError(f"--aug-period J={cfg.aug_period} and --unroll K={cfg.unroll} need 1 <= K <= J")
         # Only the learned augmenter needs a validation split; baselines train on everything.
         data = make_data(cfg, acc, cfg.val_fraction if learned else cfg.holdout)
+        if learned and data.steps_per_epoch() < cfg.aug_period:  # small data: θ still moves once an epoch
+            if cfg.unroll > data.steps_per_epoch():
+                raise ValueError(f"--unroll K={cfg.unroll} is more than the {data.steps_per_epoch()} steps of an "
+                                 "epoch; lower --unroll or --batch-size")
+            acc.print(f"note: --aug-period {cfg.aug_period} is more than the {data.steps_per_epoch()} steps of an "
+                      f"epoch; the augmenter updates every {data.steps_per_epoch()} steps (once an epoch)")
+            cfg = dataclasses.replace(cfg, aug_period=data.steps_per_epoch())
         step = build_step(cfg, acc, len(data.classes), data.steps_per_epoch())
         resume_from = find_checkpoint(cfg.resume, out_dir)
     steps, J = data.steps_per_epoch(), cfg.aug_period

@@ -30,11 +30,14 @@ def test_learned_run_writes_metrics_and_grid(shapes_dir, tmp_path, loader):
     assert m["config"]["augment"] == "learned" and len(m["epochs"]) == 2
     for e in m["epochs"]:
         assert {"train_loss", "val_acc", "test_acc", "images_per_s", "step_time_s"} <= set(e)
-        assert e["test_count"] == 24 and e["aug_updates"] == 2 and e["aug_skipped_nonfinite"] == 0
+        assert e["test_count"] == 24 and e["aug_updates"] == 1 and e["aug_skipped_nonfinite"] == 0
     assert 0 <= m["test_acc"] <= 100
     assert (out / "augmentations_epoch001.png").stat().st_size > 1000
     assert (out / "augmenter.pt").exists()
     assert "final test accuracy" in r.stdout
+    # the defaults on 48 images: no hold-out, 3 steps an epoch, so J = 8 becomes once an epoch, said once
+    assert r.stdout.count("note: --aug-period 8 is more than the 3 steps of an epoch") == 1
+    assert m["config"]["aug_period"] == 3 and m["train_images"] == 48
 
 
 @pytest.mark.parametrize(
@@ -44,7 +47,8 @@ def test_learned_run_writes_metrics_and_grid(shapes_dir, tmp_path, loader):
         (["--data", "/nonexistent/dir"], "error: --data: /nonexistent/dir: no such directory"),
         (["--model", "resnet181"], "error: --model: unknown model name 'resnet181'; did you mean: resnet18"),
         (["--augment", "magic"], "error: --augment: unknown mode 'magic'; choose learned, predefined, none"),
-        (["--batch-size", "4096"], "error: --batch-size 4096 is larger than the 38 training images"),
+        (["--batch-size", "4096"], "error: --batch-size 4096 is larger than the 48 training images"),
+        (["--unroll", "4"], "error: --unroll K=4 is more than the 3 steps of an epoch"),
     ],
 )
 def test_user_errors_are_one_line(shapes_dir, tmp_path, args, message):
@@ -70,12 +74,12 @@ def test_two_cpu_processes(shapes_dir, tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", "29517"]
     out = tmp_path / "out"
-    r = run(["--data", str(shapes_dir), "--output", str(out), "--epochs", "1", "--workers", "1", *SMALL],
-            env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)
+    r = run(["--data", str(shapes_dir), "--output", str(out), "--epochs", "1", "--workers", "1", *SMALL,
+             "--aug-period", "1"], env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)  # θ's update every step
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["epochs"][0]["test_count"] == 24
-    assert m["epochs"][0]["aug_updates"] == 2
+    assert m["epochs"][0]["aug_updates"] == 3  # 48 images, global batches of 16
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error path")
