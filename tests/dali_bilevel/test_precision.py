@@ -146,7 +146,8 @@ def test_training_function_creates_no_accelerate_grad_scaler(shapes_dir, tmp_pat
     monkeypatch.setattr(accelerate.Accelerator, "__init__", spy)
     cfg = TrainConfig(data=str(shapes_dir), output=str(tmp_path), model="cifar_resnet18_w16", image_size=32,
                       crop_pct=1.0, batch_size=8, epochs=1, progress=False, workers=1, grid_every=0,
-                      mixed_precision="bf16", max_steps_per_epoch=2, tensorboard=False)
+                      mixed_precision="bf16", max_steps_per_epoch=2, tensorboard=False,
+                      aug_period=1)  # θ's update on both steps
     from accelerate.state import AcceleratorState, GradientState
 
     try:
