@@ -101,9 +101,13 @@ class TrainConfig:
     padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
     warp_mode: str = _f("bicubic", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
                         choices=("bilinear", "bicubic"))
-    hypergrad: str = _f("exact", "hypergradient: exact double backward (switches to finite difference, with a "
-                        "warning, if the model has an op without double backward) or finite difference",
+    hypergrad: str = _f("exact", "hypergradient: exact (switches to finite difference, with a warning, if the "
+                        "model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))
+    hypergrad_products: str = _f("forward", "how exact mode forms its second-order products: forward (forward-mode "
+                                 "tangent pass, 0.7x the time and one parameter copy fewer; checked once per run "
+                                 "against double, which it falls back to, with a note) or double (double backward)",
+                                 choices=("forward", "double"))
     aug_period: int = _f(8, "J: update the augmenter every J classifier steps (8: 1.2-1.3x a plain step's cost, "
                          "docs/benchmarks/step_cpu.md; the paper: 1)")
     unroll: int = _f(1, "K: unrolled classifier steps the hypergradient looks through (K <= J)")

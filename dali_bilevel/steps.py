@@ -31,6 +31,7 @@ from dali_bilevel.hypergrad import (
     ReduceMean,
     StepRecord,
     bilevel_step,
+    forward_products_error,
     hypergradient,
     random_direction,
     train_gradient,
@@ -63,6 +64,33 @@ def finite_flag(grads: list[Tensor]) -> Tensor:
     found = torch.zeros((), device=grads[0].device)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
     return found
+
+
+def checked_products(model: nn.Module, augmenter: nn.Module, image_size: int, num_classes: int,
+                     memory_format: torch.memory_format, say: Callable[[str], None]) -> str:
+    """``forward`` if this network's forward-mode products agree with its double backward (relative
+    error ≤ 1e-3, float32, on four random images: the ops' rules are checked, not an estimate), else
+    ``double``, said once. Run when the step is built, so no step waits on a host read; draws from no
+    RNG stream the run uses. A network without double backward keeps ``double``, whose first step
+    switches the run to finite difference as before."""
+    p = next(model.parameters())
+    gen = torch.Generator(device=p.device).manual_seed(0)
+    x = torch.rand(4, 3, image_size, image_size, device=p.device, generator=gen).contiguous(memory_format=memory_format)
+    y = torch.randint(0, num_classes, (4,), device=p.device, generator=gen)
+    was_training = model.training
+    model.train()  # the passes being checked are train-mode ones (batch statistics)
+    try:
+        err = forward_products_error(model, augmenter, x, y)
+    except NoDoubleBackward:
+        return "double"
+    finally:
+        model.train(was_training)
+    if isinstance(err, str) or not err <= 1e-3:
+        why = err if isinstance(err, str) else f"relative error {err:.1e} to the double backward"
+        say(f"note: forward-mode hypergradient products unreliable on this model ({why}); "
+            "using --hypergrad-products double")
+        return "double"
+    return "forward"
 
 
 class Step:
@@ -216,10 +244,11 @@ class BilevelStep(AugmenterStep):
     the J-th θ follows the hypergradient of an unaugmented validation batch through them."""
 
     def __init__(self, *args: Any, augmenter: nn.Module, aug_opt: torch.optim.Optimizer, reduce_mean: ReduceMean,
-                 K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none",
+                 K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none", products: str = "forward",
                  on_switch: Callable[[str], None] = print) -> None:
         super().__init__(*args, augmenter=augmenter, aug_opt=aug_opt, reduce_mean=reduce_mean)
         self.K, self.J, self.mode, self.hyper_batch, self.control = K, J, mode, hyper_batch, control
+        self.products = products
         self.on_switch = on_switch
         self.trace: list[StepRecord] = []
         self._pending: tuple[Tensor, list[Tensor]] | None = None
@@ -244,7 +273,8 @@ class BilevelStep(AugmenterStep):
             x = super().augment(x)  # flips only: the augmenter runs inside, with its graph
             rec, loss, g = train_gradient(
                 self.unwrapped, self.augmenter, self.opt, x, y, mode=self.mode, reduce_mean=self.reduce_mean,
-                autocast=self.precision.plain, precision=self.precision.hypergrad, hyper_batch=self.hyper_batch)
+                autocast=self.precision.plain, precision=self.precision.hypergrad, hyper_batch=self.hyper_batch,
+                products=self.products)
             self.trace.append(rec)
             found = self.scale.clean  # float32 (or bf16) passes: nothing to unscale; θ's check covers g
             for p, gi in zip(self.params, g, strict=True):
@@ -270,7 +300,7 @@ class BilevelStep(AugmenterStep):
         """K = 1: `bilevel_step` before ω moves, then θ's update; returns the loss and ω's skip flag."""
         x, (xv, yv) = super().augment(x), self._val_batch()
         kw = dict(reduce_mean=self.reduce_mean, autocast=self.precision.plain, precision=self.precision.hypergrad,
-                  hyper_batch=self.hyper_batch, keep_lookahead=False)
+                  hyper_batch=self.hyper_batch, keep_lookahead=False, products=self.products)
         try:
             out = bilevel_step(self.unwrapped, self.augmenter, self.opt, x, y, xv, yv, mode=self.mode, **kw)
         except NoDoubleBackward as e:

@@ -32,7 +32,7 @@ from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import BilevelData, FolderData
 from dali_bilevel.hypergrad import trainable
 from dali_bilevel.precision import LossScale, Precision
-from dali_bilevel.steps import BilevelStep, PlainStep, Step, STNStep, classifier_sgd
+from dali_bilevel.steps import BilevelStep, PlainStep, Step, STNStep, checked_products, classifier_sgd
 from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes
 from models.augmenter import bound_fractions, load_policy, save_policy
@@ -147,8 +147,11 @@ def build_step(cfg: TrainConfig, acc: Accelerator, num_classes: int, steps: int)
     if stn:
         return STNStep(*args, **kw)
     hyper_batch = round(cfg.hyper_batch * cfg.batch_size / acc.num_processes) if cfg.hyper_batch < 1 else 0
+    products = cfg.hypergrad_products
+    if cfg.hypergrad == "exact" and products == "forward":
+        products = checked_products(unwrapped, augmenter, cfg.image_size, num_classes, fmt, acc.print)
     return BilevelStep(*args, **kw, K=cfg.unroll, J=cfg.aug_period, mode=cfg.hypergrad, hyper_batch=hyper_batch,
-                       control=cfg.hypergrad_control, on_switch=acc.print)
+                       control=cfg.hypergrad_control, products=products, on_switch=acc.print)
 
 
 @torch.no_grad()

@@ -34,9 +34,13 @@ ROWS: dict[str, dict] = {
     "predefined": {"augment": "predefined", "translate_px": 4},
     "exact_j1": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 1.0},  # the paper's K = J = 1
     "exact_j1_hb0.25": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 0.25},
+    "exact_j1_hb0.25_double": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 0.25,
+                               "hypergrad_products": "double"},
     "exact_j4": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 1.0},
     "exact_j4_hb0.25": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.25},
     "exact_j8_hb0.25": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25},
+    "exact_j8_hb0.25_double": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25,
+                               "hypergrad_products": "double"},
     "exact_j12_hb0.25": {"hypergrad": "exact", "aug_period": 12, "hyper_batch": 0.25},
     "exact_j4_hb0.125": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.125},
     "exact_j8_hb0.125": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.125},
@@ -44,6 +48,31 @@ ROWS: dict[str, dict] = {
     "fd_j1": {"hypergrad": "finite_difference", "aug_period": 1, "hyper_batch": 1.0},
     "fd_j4_hb0.25": {"hypergrad": "finite_difference", "aug_period": 4, "hyper_batch": 0.25},
 }
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_after_setup() -> int:
+    """The resident set now, in KiB, with the high-water mark reset to it (Linux ``clear_refs`` 5): the
+    set-up's own transient peak (the products check at build time) is not the step's. Elsewhere the
+    process's high-water mark so far (ru_maxrss), which can hide a step peak below the set-up's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kib() -> int:
+    try:
+        return _status_kib("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue, memory_only: bool = False) -> None:
@@ -80,7 +109,7 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue, memory_o
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = rss_after_setup()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup * cycle):
@@ -95,8 +124,8 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue, memory_o
         times.append((time.perf_counter() - t) / cycle)
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    else:
+        peak_mb = (peak_rss_kib() - base_rss) / 1024
     queue.put({"times_s": times, "median_s": statistics.median(times) if times else None, "peak_mb": peak_mb})
 
 
@@ -114,7 +143,8 @@ def default_overrides() -> dict:
     from dali_bilevel.config import TrainConfig
 
     d = TrainConfig(data="-")
-    return {"hypergrad": d.hypergrad, "aug_period": d.aug_period, "unroll": d.unroll, "hyper_batch": d.hyper_batch}
+    return {"hypergrad": d.hypergrad, "aug_period": d.aug_period, "unroll": d.unroll, "hyper_batch": d.hyper_batch,
+            "hypergrad_products": d.hypergrad_products}
 
 
 def main() -> int:
@@ -129,6 +159,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="warm-up cycles (at least 8 steps each)")
     p.add_argument("--repeats", type=int, default=3, help="timed cycles (at least 8 steps each)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    p.add_argument("--rounds", type=int, default=1, help="time every row this many times, interleaved, and keep "
+                   "each row's median: a neighbour whose load varies then weighs on all rows alike")
     p.add_argument("--out", default="docs/benchmarks/step.json")
     args = p.parse_args()
     import torch
@@ -144,17 +176,27 @@ def main() -> int:
         p.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     default = default_overrides()
     ctx = mp.get_context("spawn")
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names:
+            res = child(ctx, args, ROWS[name])
+            results[name].append(res)
+            print(f"  round {r + 1}/{args.rounds} {name}: {res['median_s'] * 1e3:.1f} ms/step", file=sys.stderr,
+                  flush=True)
     rows = []
     for name in names:
-        res = child(ctx, args, ROWS[name])
+        times = [t for res in results[name] for t in res["times_s"]]
+        res = {"times_s": times, "round_medians_s": [res["median_s"] for res in results[name]],
+               "median_s": statistics.median(res["median_s"] for res in results[name])}
         if args.device == "cpu":  # peak memory from a child whose resident set follows the live tensors
             os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
             res["peak_mb"] = child(ctx, args, ROWS[name], memory_only=True)["peak_mb"]
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            res["peak_mb"] = max(r["peak_mb"] for r in results[name])
         learned = ROWS[name].get("augment", "learned") == "learned"
         is_default = learned and all(ROWS[name].get(k, v) == v for k, v in default.items())
         rows.append({"name": name, **ROWS[name], "default": is_default, **res})
-        print(f"  measured {name}: {res['median_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     plain = next(r for r in rows if r["name"] == "plain") if "plain" in names else rows[0]
     for r in rows:
         r["time_ratio"] = r["median_s"] / plain["median_s"]

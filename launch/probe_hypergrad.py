@@ -25,7 +25,8 @@ from dali_bilevel.accuracy import augmenter_gradient, cosine, step_state
 
 #: name → keyword arguments of `augmenter_gradient`
 VARIANTS: dict[str, dict] = {
-    "exact_fp32": dict(mode="exact"),
+    "exact_fp32": dict(mode="exact"),  # forward-mode products, the default
+    "exact_fp32_double": dict(mode="exact", products="double"),
     "exact_bf16_policy": dict(mode="exact", autocast=torch.bfloat16, precision="fp32"),
     "exact_bf16_autocast": dict(mode="exact", autocast=torch.bfloat16, precision="autocast"),
     "fd_fp32": dict(mode="finite_difference"),
@@ -51,7 +52,8 @@ def main() -> int:
         for batch in map(int, a.batches.split(",")):
             for seed in map(int, a.seeds.split(",")):
                 state = step_state(model_name, batch, seed)
-                ref = augmenter_gradient(state, torch.float64, mode="exact")
+                # the reference: float64, double backward (independent of the default forward-mode products)
+                ref = augmenter_gradient(state, torch.float64, mode="exact", products="double")
                 for v in a.variants.split(","):
                     t = time.perf_counter()
                     kw = dict(VARIANTS[v])
