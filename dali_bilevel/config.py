@@ -104,10 +104,11 @@ class TrainConfig:
     hypergrad: str = _f("exact", "hypergradient: exact (switches to finite difference, with a warning, if the "
                         "model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))
-    hypergrad_products: str = _f("forward", "how exact mode forms its second-order products: forward (forward-mode "
-                                 "tangent pass, 0.7x the time and one parameter copy fewer; checked once per run "
-                                 "against double, which it falls back to, with a note) or double (double backward)",
-                                 choices=("forward", "double"))
+    hypergrad_products: str = _f("auto", "how exact mode forms its second-order products: forward (a forward-mode "
+                                 "tangent pass: 0.7-0.9x the time and one parameter copy less with a hyper-batch; "
+                                 "checked once per run against double, which it falls back to, with a note), "
+                                 "double (double backward), or auto: forward with a hyper-batch, double on the full "
+                                 "batch, where the real pass's graph is reused", choices=("auto", "forward", "double"))
     aug_period: int = _f(8, "J: update the augmenter every J classifier steps (8: 1.2-1.3x a plain step's cost, "
                          "docs/benchmarks/step_cpu.md; the paper: 1)")
     unroll: int = _f(1, "K: unrolled classifier steps the hypergradient looks through (K <= J)")

@@ -244,7 +244,7 @@ class BilevelStep(AugmenterStep):
     the J-th θ follows the hypergradient of an unaugmented validation batch through them."""
 
     def __init__(self, *args: Any, augmenter: nn.Module, aug_opt: torch.optim.Optimizer, reduce_mean: ReduceMean,
-                 K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none", products: str = "forward",
+                 K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none", products: str = "auto",
                  on_switch: Callable[[str], None] = print) -> None:
         super().__init__(*args, augmenter=augmenter, aug_opt=aug_opt, reduce_mean=reduce_mean)
         self.K, self.J, self.mode, self.hyper_batch, self.control = K, J, mode, hyper_batch, control

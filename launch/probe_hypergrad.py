@@ -25,7 +25,8 @@ from dali_bilevel.accuracy import augmenter_gradient, cosine, step_state
 
 #: name → keyword arguments of `augmenter_gradient`
 VARIANTS: dict[str, dict] = {
-    "exact_fp32": dict(mode="exact"),  # forward-mode products, the default
+    "exact_fp32": dict(mode="exact"),  # products "auto": the double backward on the full batch
+    "exact_fp32_forward": dict(mode="exact", products="forward"),
     "exact_fp32_double": dict(mode="exact", products="double"),
     "exact_bf16_policy": dict(mode="exact", autocast=torch.bfloat16, precision="fp32"),
     "exact_bf16_autocast": dict(mode="exact", autocast=torch.bfloat16, precision="autocast"),

@@ -50,11 +50,12 @@ def val_loss_after_real_step(model, aug, opt, data, theta_shift=None) -> float:
         return F.cross_entropy(m(data["x_val"]), data["y_val"]).item()
 
 
+@pytest.mark.parametrize("products", ["forward", "double"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_exact_hypergradient_matches_central_difference(nesterov):
+def test_exact_hypergradient_matches_central_difference(nesterov, products):
     model, aug, opt, data = setup(nesterov=nesterov)
     out = bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"],
-                       noise=data["noise"], mode="exact")
+                       noise=data["noise"], mode="exact", products=products)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
@@ -98,14 +99,15 @@ def test_lookahead_rejects_other_optimizers():
         sgd_lookahead(torch.optim.Adam([p]), [p], [torch.zeros(2)])
 
 
-@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
-def test_batchnorm_buffers_untouched_by_lookahead_and_validation(mode):
+@pytest.mark.parametrize(("mode", "products"), [("exact", "forward"), ("exact", "double"),
+                                               ("finite_difference", "auto")])
+def test_batchnorm_buffers_untouched_by_lookahead_and_validation(mode, products):
     model, aug, opt, data = setup(bn=True)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # the one real train forward is the only one allowed to move the statistics
         reference(aug(data["x_tr"], data["noise"]))
     bilevel_step(model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"],
-                 noise=data["noise"], mode=mode)
+                 noise=data["noise"], mode=mode, products=products)
     for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
         assert torch.equal(b, b_ref), name
 
@@ -128,9 +130,10 @@ def test_step_is_pure():
     assert all(torch.equal(a, b) and a.grad is None for a, b in zip(after, before, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+@pytest.mark.parametrize(("mode", "products"), [("exact", "forward"), ("exact", "double"),
+                                               ("finite_difference", "auto")])
 @pytest.mark.parametrize(("k", "nesterov", "dampening"), [(2, True, 0.0), (3, False, 0.1)])
-def test_k_step_unroll_matches_central_difference(mode, k, nesterov, dampening):
+def test_k_step_unroll_matches_central_difference(mode, products, k, nesterov, dampening):
     from dali_bilevel.hypergrad import hypergradient, train_gradient
 
     model, aug, opt, data = setup(nesterov=False)
@@ -147,7 +150,8 @@ def test_k_step_unroll_matches_central_difference(mode, k, nesterov, dampening):
             grp["lr"] = 0.1 * (1 - 0.2 * i)  # a schedule inside the unroll
         for grp in reference["o"].param_groups:
             grp["lr"] = 0.1
-        rec, _, g = train_gradient(model, aug, opt, x, y, noise=z, mode=mode)
+        rec, _, g = train_gradient(model, aug, opt, x, y, noise=z, mode=mode, products=products)
+        assert (rec.grads is not None) == (products == "double")  # forward mode keeps no graph of g
         trace.append(rec)
         for p, gi in zip(model.parameters(), g, strict=True):
             p.grad = gi
