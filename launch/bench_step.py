@@ -36,6 +36,7 @@ ROWS: dict[str, dict] = {
     "exact_j1_hb0.25": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 0.25},
     "exact_j1_hb0.25_double": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 0.25,
                                "hypergrad_products": "double"},
+    "exact_j1_hb0.125": {"hypergrad": "exact", "aug_period": 1, "hyper_batch": 0.125},
     "exact_j4": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 1.0},
     "exact_j4_hb0.25": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.25},
     "exact_j8_hb0.25": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25},
