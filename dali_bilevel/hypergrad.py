@@ -283,7 +283,8 @@ def record_step(model: nn.Module, augmenter: nn.Module, optimizer: torch.optim.O
     rec = StepRecord(x, y, noise, weights, None, sgd_coefs(optimizer, params))
     if not (real or double or fd):  # the tangent pass of a hyper-batch draws its own dropout masks
         return rec, None, None
-    rec.kinks, rec.rng = (KinkTape(), _rng_state(x.device)) if fd else (None, None if double else _rng_state(x.device))
+    rec.kinks = KinkTape() if fd else None
+    rec.rng = None if double else _rng_state(x.device)  # the difference's or the tangent pass's dropout masks
     with torch.set_grad_enabled(double):  # only g's own graph needs the augmenter's
         xa = augmenter(x, noise)
     need_grad = double or real  # finite difference needs only the branches of a hyper-batch's forward
@@ -407,15 +408,16 @@ def forward_products_error(model: nn.Module, augmenter: nn.Module, x: Tensor, y:
         rng = _rng_state(x.device)
         w = [p.detach().requires_grad_(True) for p in params]
         loss = _loss_at(model, names, w, dict(model.named_buffers()), augmenter(x, noise), y, loss_fn, scratch=True)
-        g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
-        theta = [p for p in augmenter.parameters() if p.requires_grad]
-        try:
-            ref = _zeros_for_none(torch.autograd.grad(g, theta + w, grad_outputs=lam, allow_unused=True), theta + w)
+        g = _zeros_for_none(torch.autograd.grad(loss, w, create_graph=True, allow_unused=True), w)
+        rec = StepRecord(x, y, noise, w, g, [], rng=rng)  # as `record_step` keeps it for the double backward
+        kw = dict(mode="exact", passes=nullcontext, loss_fn=loss_fn, fd_eps=0.0)
+        try:  # both through `_products`, the dispatch a run uses
+            ref = [t for part in _products(model, augmenter, rec, lam, True, **kw) for t in part]
         except RuntimeError as e:
             raise NoDoubleBackward(str(e).splitlines()[0]) from e
-        rec = StepRecord(x, y, noise, w, None, [], rng=rng)
+        rec.grads = None  # what forward mode's record holds
         try:
-            out = _tangent_products(model, augmenter, rec, lam, True, passes=nullcontext, loss_fn=loss_fn)
+            out = [t for part in _products(model, augmenter, rec, lam, True, **kw) for t in part]
         except (RuntimeError, NotImplementedError) as e:  # NoDoubleBackward included
             return str(e).splitlines()[0]
     num = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(out, ref, strict=True)))

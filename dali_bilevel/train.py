@@ -148,7 +148,8 @@ def build_step(cfg: TrainConfig, acc: Accelerator, num_classes: int, steps: int)
         return STNStep(*args, **kw)
     hyper_batch = round(cfg.hyper_batch * cfg.batch_size / acc.num_processes) if cfg.hyper_batch < 1 else 0
     products = cfg.hypergrad_products  # forward mode runs only if this network passes the check
-    if cfg.hypergrad == "exact" and (products == "forward" or (products == "auto" and (hyper_batch or cfg.unroll > 1))):
+    # auto uses forward mode exactly where a record is not the real step's own pass: with a hyper-batch
+    if cfg.hypergrad == "exact" and (products == "forward" or (products == "auto" and hyper_batch)):
         if checked_products(unwrapped, augmenter, cfg.image_size, num_classes, fmt, acc.print) == "double":
             products = "double"
     return BilevelStep(*args, **kw, K=cfg.unroll, J=cfg.aug_period, mode=cfg.hypergrad, hyper_batch=hyper_batch,
