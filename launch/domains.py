@@ -111,6 +111,7 @@ METHODS.update({
     "sel_prior": [*_SEL, "--warp-mode", "bicubic", "--aug-init-translate-px", "{prior_px}"],
     "sel_j2_hb8": [*_SEL, "--warp-mode", "bicubic", "--aug-period", "2", "--hyper-batch", "0.125"],
     "sel_k2": [*_SEL, "--warp-mode", "bicubic", "--unroll", "2"],
+    "sel_j4_hb8": [*_SEL, "--warp-mode", "bicubic", "--aug-period", "4", "--hyper-batch", "0.125"],
 })
 
 
