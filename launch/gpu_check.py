@@ -46,14 +46,14 @@ class Sizes:
     precision: str = "bf16"
     bench_model: str = "resnet50"
     bench_batch: int = 128
-    bench_rows: str = "plain,predefined,exact_j1,exact_j1_hb0.25,exact_j4_hb0.25"
+    bench_rows: str = "plain,predefined,exact_j1,exact_j1_hb0.125,exact_j1_hb0.25,exact_j8_hb0.25"  # j8: the default
     loader_batches: int = 8
     cpu_flag: list[str] = field(default_factory=list)
 
     @classmethod
     def dry(cls) -> Sizes:
         return cls(model="resnet18", image_size=32, batch_size=8, steps=2, precision="no", bench_model="resnet18",
-                   bench_batch=8, bench_rows="plain,exact_j4_hb0.25", loader_batches=1, cpu_flag=["--cpu"])
+                   bench_batch=8, bench_rows="plain,exact_j8_hb0.25", loader_batches=1, cpu_flag=["--cpu"])
 
 
 class Check:
@@ -148,6 +148,7 @@ def step_cost(out: Path, s: Sizes) -> dict:
          str(s.bench_batch), "--precision", s.precision, "--rows", s.bench_rows, "--warmup", "1", "--repeats", "3",
          "--device", "cpu" if s.cpu_flag else "cuda", "--out", str(path)], timeout=600)
     rows = json.loads(path.read_text())["rows"]
+    assert sum(r["default"] for r in rows) == 1, "bench_rows must include the default --augment learned row"
     return {r["name"]: {"ms": round(r["median_s"] * 1e3, 1), "x_plain": round(r["time_ratio"], 2),
                         "peak_mb": round(r["peak_mb"]), "mem_x_plain": round(r["memory_ratio"] or 0, 2),
                         "default": r["default"]} for r in rows}
