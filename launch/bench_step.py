@@ -47,7 +47,6 @@ ROWS: dict[str, dict] = {
     "exact_j4_hb0.125": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.125},
     "exact_j8_hb0.125": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.125},
     "exact_k2_j4_hb0.25": {"hypergrad": "exact", "aug_period": 4, "unroll": 2, "hyper_batch": 0.25},
-    "exact_k2_j8_hb0.25": {"hypergrad": "exact", "aug_period": 8, "unroll": 2, "hyper_batch": 0.25},
     "fd_j1": {"hypergrad": "finite_difference", "aug_period": 1, "hyper_batch": 1.0},
     "fd_j4_hb0.25": {"hypergrad": "finite_difference", "aug_period": 4, "hyper_batch": 0.25},
 }

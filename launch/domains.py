@@ -94,6 +94,7 @@ METHODS: dict[str, list[str]] = {
     "learned_k2": ["--augment", "learned", "--flip", "{flips}", "--unroll", "2"],
     "learned_prior": ["--augment", "learned", "--flip", "{flips}", "--aug-init-translate-px", "{prior_px}"],
     "learned_full_batch": ["--augment", "learned", "--flip", "{flips}", "--hyper-batch", "1"],
+    # 4x the θ updates (J=2 on an eighth of the batch): the second selection round's best, a preset
     "learned_frequent": ["--augment", "learned", "--flip", "{flips}", "--preset", "frequent"],
     # The paper's K = J = 1 at a hyper-batch of 1/8 (issue 12's exact-K=J=1 cost target)
     "learned_j1_hb8": ["--augment", "learned", "--flip", "{flips}", "--aug-period", "1", "--hyper-batch", "0.125"],
