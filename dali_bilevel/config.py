@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "transforms": "affine,color", "aug_init_translate_px": 0.0, "warp_mode": "bilinear",
               "base_augment": "none"},
     # θ updated every 2 classifier steps on an eighth of the batch: 4x the default's θ updates for half
-    # the images each. Best of the candidates on the selection splits (two seeds each, CIFAR and UC
+    # the images each. Best of the candidates on the selection splits (three seeds each, CIFAR and UC
     # Merced: docs/results.md), but 1.5x a plain step against the default's 1.2x
     # (docs/benchmarks/step_cpu.md): one flag away for when accuracy is worth that time.
     "frequent": {"aug_period": 2, "hyper_batch": 0.125},
