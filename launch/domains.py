@@ -116,6 +116,7 @@ METHODS.update({
     "sel_j4_hb8": [*_SEL, "--warp-mode", "bicubic", "--aug-period", "4", "--hyper-batch", "0.125"],
     # Third round: frequent's four-fold θ movement at the default's cost (J=8: 4x the step size instead)
     "sel_lr4e-3": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3"],
+    "sel_lr1e-2": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "1e-2"],
 })
 
 
