@@ -23,8 +23,8 @@ def fresh_accelerate_state():
 
 
 def config(data, out, **kw) -> TrainConfig:
-    """The paper's bilevel step (20% hold-out, K=J=1, full batch): the bookkeeping below counts it."""
-    base = dict(val_fraction=0.2, aug_period=1, hyper_batch=1.0,
+    """The paper's bilevel step (20% hold-out, K=J=1, full batch, Adam 1e-3): the bookkeeping below counts it."""
+    base = dict(val_fraction=0.2, aug_period=1, hyper_batch=1.0, aug_lr=1e-3,
                 data=str(data), output=str(out), model="cifar_resnet18_w16", image_size=32, crop_pct=1.0,
                 batch_size=8, epochs=1, lr=0.05, progress=False, workers=1, transforms="affine,color", grid_every=0)
     return TrainConfig(**{**base, **kw})
