@@ -102,6 +102,8 @@ METHODS: dict[str, list[str]] = {
     "learned_full_batch": [*_L1, "--hyper-batch", "1"],
     # 4x the θ updates (J=2 on an eighth of the batch): the second selection round's best, a preset
     "learned_frequent": ["--augment", "learned", "--flip", "{flips}", "--preset", "frequent"],
+    # The 4e-3 default on top of DALI's RandAugment (the CIFAR best variant, learned_on_randaugment, again)
+    "learned_default_on_randaugment": ["--augment", "learned", "--flip", "{flips}", "--base-augment", "randaugment"],
     # The paper's K = J = 1 at a hyper-batch of 1/8 (issue 12's exact-K=J=1 cost target)
     "learned_j1_hb8": [*_L1, "--aug-period", "1", "--hyper-batch", "0.125"],
 }
