@@ -126,6 +126,8 @@ METHODS.update({
     # Third round: frequent's four-fold θ movement at the default's cost (J=8: 4x the step size instead)
     "sel_lr4e-3": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3"],
     "sel_lr1e-2": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "1e-2"],
+    # The 4e-3 default on DALI's RandAugment: the next candidate (its test rows came first, docs/results.md)
+    "sel_lr4e-3_on_randaugment": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3", "--base-augment", "randaugment"],
 })
 
 
