@@ -74,7 +74,8 @@ DOMAINS: dict[str, Domain] = {
         "hv", ["--augment", "predefined", "--flip", "hv", *HIST_AFFINE], 50),
 }
 
-_L1 = ["--augment", "learned", "--flip", "{flips}", "--aug-lr", "1e-3"]  # the defaults up to the third round
+_LEARNED = ["--augment", "learned", "--flip", "{flips}"]  # the project's learned defaults
+_L1 = [*_LEARNED, "--aug-lr", "1e-3"]  # the defaults up to the third round
 
 #: method → flags, with {flips} and {predefined} taken from the domain.
 METHODS: dict[str, list[str]] = {
@@ -83,12 +84,12 @@ METHODS: dict[str, list[str]] = {
     "predefined": ["{predefined}"],
     "randaugment": ["--augment", "randaugment", "--flip", "{flips}"],
     "trivialaugment": ["--augment", "trivialaugment", "--flip", "{flips}"],
-    "learned_default": ["--augment", "learned", "--flip", "{flips}"],  # the project's defaults, nothing else
-    "learned_paper": ["--augment", "learned", "--flip", "{flips}", "--preset", "paper"],
+    "learned_default": _LEARNED,  # the project's defaults, nothing else
+    "learned_paper": [*_LEARNED, "--preset", "paper"],
     # The ablations of the signal: the same run with the hypergradient replaced by a random direction of
     # the same norm, and with the augmenter frozen at its initialisation (it never moves).
-    "learned_random": ["--augment", "learned", "--flip", "{flips}", "--hypergrad-control", "random"],
-    "learned_frozen": ["--augment", "learned", "--flip", "{flips}", "--aug-lr", "0"],
+    "learned_random": [*_LEARNED, "--hypergrad-control", "random"],
+    "learned_frozen": [*_LEARNED, "--aug-lr", "0"],
     # The default before the third selection round (Adam 1e-3; now 4e-3) and its random-direction control.
     "learned_lr1e-3": _L1,
     "learned_random_lr1e-3": [*_L1, "--hypergrad-control", "random"],
@@ -101,17 +102,17 @@ METHODS: dict[str, list[str]] = {
     "learned_prior": [*_L1, "--aug-init-translate-px", "{prior_px}"],
     "learned_full_batch": [*_L1, "--hyper-batch", "1"],
     # 4x the θ updates (J=2 on an eighth of the batch): the second selection round's best, a preset
-    "learned_frequent": ["--augment", "learned", "--flip", "{flips}", "--preset", "frequent"],
+    "learned_frequent": [*_LEARNED, "--preset", "frequent"],
     # The 4e-3 default on top of DALI's RandAugment (the CIFAR best variant, learned_on_randaugment, again)
-    "learned_default_on_randaugment": ["--augment", "learned", "--flip", "{flips}", "--base-augment", "randaugment"],
+    "learned_default_on_randaugment": [*_LEARNED, "--base-augment", "randaugment"],
     # The paper's K = J = 1 at a hyper-batch of 1/8 (issue 12's exact-K=J=1 cost target)
     "learned_j1_hb8": [*_L1, "--aug-period", "1", "--hyper-batch", "0.125"],
 }
 #: The candidates for the learned default, compared on the selection splits (explicit flags, so that
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
 #: lever each.
-_SEL = ["--augment", "learned", "--flip", "{flips}", "--val-fraction", "0", "--aug-period", "8", "--hyper-batch",
-        "0.25", "--transforms", "affine,color", "--aug-lr", "1e-3"]
+_SEL = [*_LEARNED, "--val-fraction", "0", "--aug-period", "8", "--hyper-batch", "0.25", "--transforms", "affine,color",
+        "--aug-lr", "1e-3"]
 METHODS.update({
     "sel_base": _SEL,
     "sel_bicubic": [*_SEL, "--warp-mode", "bicubic"],
