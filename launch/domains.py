@@ -127,9 +127,9 @@ METHODS.update({
     # Third round: frequent's four-fold θ movement at the default's cost (J=8: 4x the step size instead)
     "sel_lr4e-3": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3"],
     "sel_lr1e-2": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "1e-2"],
-    # The 4e-3 default on DALI's RandAugment: the next candidate (its test rows came first, docs/results.md)
+    # The 4e-3 default on DALI's RandAugment (its test rows came first; rejected in the fourth round)
     "sel_lr4e-3_on_randaugment": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3", "--base-augment", "randaugment"],
-    # Fourth round: the sharpness family (best on UC Merced at 1e-3, first round) at the 4e-3 default
+    # Fourth round: the sharpness family (best on UC Merced at 1e-3, first round) at 4e-3: a tie, not added
     "sel_lr4e-3_sharpness": [*_SEL, "--warp-mode", "bicubic", "--aug-lr", "4e-3",
                              "--transforms", "affine,color,sharpness"],
 })
