@@ -133,6 +133,11 @@ METHODS.update({
     "sel_lr4e-3_on_randaugment": [*_SEL_4E3, "--base-augment", "randaugment"],
     # Fourth round: the sharpness family (best on UC Merced at 1e-3, first round) at 4e-3: a tie, not added
     "sel_lr4e-3_sharpness": [*_SEL_4E3, "--transforms", "affine,color,sharpness"],
+    # Fifth round: what the warp puts where the image leaves the frame. Zeros (the default) paint black
+    # borders no test image has, which may be what pulls shifts and zoom-outs back; border repeats the edge
+    # pixels and reflection mirrors the content (the usual pad of CIFAR's ±4 px crops).
+    "sel_lr4e-3_reflection": [*_SEL_4E3, "--padding-mode", "reflection"],
+    "sel_lr4e-3_border": [*_SEL_4E3, "--padding-mode", "border"],
 })
 
 

@@ -32,7 +32,7 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
     explicit = {"sel_lr3e-3": 3e-3, "sel_lr4e-3": 4e-3, "sel_lr1e-2": 1e-2, "learned_default": 4e-3,
                 "learned_random": 4e-3, "learned_frozen": 0.0, "learned_default_on_randaugment": 4e-3,
                 "learned_paper": 1e-3, "sel_lr4e-3_on_randaugment": 4e-3,
-                "sel_lr4e-3_sharpness": 4e-3}
+                "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3}
     for method, cfg in rows.items():
         if cfg.augment == "learned":
             assert cfg.aug_lr == explicit.get(method, 1e-3), method
