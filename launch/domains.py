@@ -183,44 +183,63 @@ def run_task(name: str, domain: Domain, method: str, seed: int, out: Path, selec
     return run_one(data, out, method, seed, common, log, domain.script, flags_for(domain, method))
 
 
-def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[int], csv_path: Path | None) -> str:
-    lines, rows = [], []
+def run_row(out: Path, name: str, method: str, seed: int) -> dict | None:
+    """One finished run's CSV row from its metrics.json, or None while it is missing or unfinished."""
+    f = out / f"{method}_s{seed}" / "metrics.json"
+    m = json.loads(f.read_text()) if f.exists() else None
+    if m is None or len(m["epochs"]) != m["config"]["epochs"]:
+        return None
+    last = m["epochs"][-1]
+    acc = last.get("test_image_acc", m["test_acc"]) if name == "ucsb" else m["test_acc"]
+    return {"domain": name, "method": method, "seed": seed, "test_acc": round(acc, 3),
+            "wall_s": round(m["wall_time_s"], 1), "epochs": m["config"]["epochs"],
+            "test_tile_acc": round(m["test_acc"], 3) if name == "ucsb" else "",
+            "final_train_loss": round(last["train_loss"], 4)}
+
+
+def read_csv_rows(csv_path: Path) -> dict[tuple[str, str, int], dict]:
+    """The rows of an earlier ``--csv``, by (domain, method, seed): the record once the run folders are gone."""
+    if not csv_path.exists():
+        raise SystemExit(f"--merge: no earlier table at {csv_path}")
+    with open(csv_path, newline="") as fh:
+        return {(r["domain"], r["method"], int(r["seed"])): r for r in csv.DictReader(fh)}
+
+
+def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[int], csv_path: Path | None,
+          merge: bool = False) -> str:
+    """Markdown tables and the CSV. With ``merge``, a run without a finished folder under ``out_root`` keeps
+    its row of the existing CSV (rows of other methods and seeds are kept too), so that adding a method
+    does not need every earlier run's folder."""
+    earlier = read_csv_rows(csv_path) if merge and csv_path is not None else {}
+    lines, rows = [], {}
     for name in domains:
-        out = out_root / name
         lines += [f"\n### {name}" + (f" ({DOMAINS[name].notes})" if DOMAINS[name].notes else ""), "",
                   "| method | " + " / ".join(f"seed {s}" for s in seeds) + " | mean ± std | wall vs learned_default |"
                   " final train loss |", "|---|---|---|---|---|"]
-        ref = wall(out, "learned_default", seeds)
+        found = {(method, s): run_row(out_root / name, name, method, s) or earlier.get((name, method, s))
+                 for method in {*methods, "learned_default"} for s in seeds}
+        ref = [float(r["wall_s"]) for s in seeds if (r := found[("learned_default", s)])]
         for method in methods:
-            accs, cells, losses = [], [], []
-            for s in seeds:
-                f = out / f"{method}_s{s}" / "metrics.json"
-                m = json.loads(f.read_text()) if f.exists() else None
-                if m is None or len(m["epochs"]) != m["config"]["epochs"]:
-                    cells.append("–")
-                    continue
-                last = m["epochs"][-1]
-                acc = last.get("test_image_acc", m["test_acc"]) if name == "ucsb" else m["test_acc"]
-                accs.append(acc)
-                losses.append(last["train_loss"])
-                cells.append(f"{acc:.1f}")
-                rows.append({"domain": name, "method": method, "seed": s, "test_acc": round(acc, 3),
-                             "wall_s": round(m["wall_time_s"], 1), "epochs": m["config"]["epochs"],
-                             "test_tile_acc": round(m["test_acc"], 3) if name == "ucsb" else "",
-                             "final_train_loss": round(last["train_loss"], 4)})
-            if not accs:
+            got = [found[(method, s)] for s in seeds]
+            cells = [f"{float(r['test_acc']):.1f}" if r else "–" for r in got]
+            done = [r for r in got if r]
+            rows.update({(name, method, int(r["seed"])): r for r in done})
+            if not done:
                 continue
+            accs = [float(r["test_acc"]) for r in done]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            w = wall(out, method, seeds)
-            ratio = f"{w / ref:.2f}x" if w and ref else "-"
+            w = statistics.mean(float(r["wall_s"]) for r in done)
+            ratio = f"{w / statistics.mean(ref):.2f}x" if ref else "-"
+            loss = statistics.mean(float(r["final_train_loss"]) for r in done)
             lines.append(f"| {method} | {' / '.join(cells)} | {statistics.mean(accs):.1f} ± {std:.1f} | {ratio} | "
-                         f"{statistics.mean(losses):.3f} |")
+                         f"{loss:.3f} |")
     if csv_path is not None and rows:
+        out_rows = list(rows.values()) + [r for k, r in earlier.items() if k not in rows]
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=list(out_rows[0]))
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(out_rows)
     md = "\n".join(lines) + "\n"
     (out_root / "domains.md").write_text(md)
     return md
@@ -236,6 +255,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets DALI_BILEVEL_THREADS threads)")
     p.add_argument("--selection", action="store_true", help="run on the domains' selection splits (training data)")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--merge", action="store_true", help="with --csv: runs without a folder under --out keep their "
+                   "row of the existing CSV (the record once run folders are gone), and its other rows are kept")
     a = p.parse_args()
     domains, methods = a.domains.split(","), a.methods.split(",")
     unknown = [d for d in domains if d not in DOMAINS] + [m for m in methods if m.split("@")[0] not in METHODS]
@@ -257,7 +278,9 @@ def main() -> int:
                            for d, m, s in tasks]
                 for f in futures:
                     f.result()
-    print(table(out_root, domains, methods, seeds, Path(a.csv) if a.csv else None))
+    if a.merge and not a.csv:
+        p.error("--merge needs --csv: the table whose rows it keeps")
+    print(table(out_root, domains, methods, seeds, Path(a.csv) if a.csv else None, a.merge))
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
 from pathlib import Path
 
@@ -43,3 +45,33 @@ def test_the_frequent_row_is_its_selection_candidate() -> None:
     a, b = parsed("cifar", "learned_frequent"), parsed("cifar", "sel_j2_hb8")
     keys = ("aug_period", "hyper_batch", "aug_lr", "warp_mode", "val_fraction", "transforms", "unroll")
     assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys]
+
+
+def _finished_run(folder: Path, acc: float, wall: float, loss: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "config": {"epochs": 2}, "test_acc": acc, "wall_time_s": wall,
+        "epochs": [{"train_loss": 2 * loss}, {"train_loss": loss}]}))
+
+
+def test_merge_keeps_the_csv_rows_of_runs_whose_folders_are_gone(tmp_path: Path) -> None:
+    """`--merge`: a new method's runs join the CSV; earlier rows (no folder any more) keep their values,
+    including rows of methods not asked for, and the wall ratio uses the CSV's learned_default times."""
+    csv_path = tmp_path / "domains.csv"
+    csv_path.write_text("domain,method,seed,test_acc,wall_s,epochs,test_tile_acc,final_train_loss\n"
+                        "cifar,learned_default,0,70.0,100.0,2,,0.5\n"
+                        "cifar,none,0,58.0,90.0,2,,0.001\n"
+                        "ucmerced,none,0,74.0,80.0,2,,0.01\n")
+    _finished_run(tmp_path / "runs" / "cifar" / "new_s0", 72.25, 150.0, 0.4)
+    md = domains.table(tmp_path / "runs", ["cifar"], ["learned_default", "new"], [0], csv_path, merge=True)
+    assert "| learned_default | 70.0 | 70.0 ± 0.0 | 1.00x | 0.500 |" in md
+    assert "| new | 72.2 | 72.2 ± 0.0 | 1.50x | 0.400 |" in md
+    with open(csv_path, newline="") as fh:
+        got = {(r["domain"], r["method"], r["seed"]): (r["test_acc"], r["wall_s"]) for r in csv.DictReader(fh)}
+    assert got == {("cifar", "learned_default", "0"): ("70.0", "100.0"), ("cifar", "new", "0"): ("72.25", "150.0"),
+                   ("cifar", "none", "0"): ("58.0", "90.0"), ("ucmerced", "none", "0"): ("74.0", "80.0")}
+
+
+def test_merge_needs_an_existing_csv(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no earlier table"):
+        domains.table(tmp_path, ["cifar"], ["none"], [0], tmp_path / "missing.csv", merge=True)
