@@ -17,19 +17,20 @@ AUGMENT_MODES = ("learned", "predefined", "none", "stn", "randaugment", "trivial
 #: Named settings (``--preset``): their values replace the defaults; flags given explicitly still win.
 PRESETS: dict[str, dict[str, Any]] = {
     # Mounsaveng et al.'s setting: a 20% hold-out as validation, exact K = J = 1 on the full batch, the
-    # augmenter starting at the identity, bilinear warps. Kept one flag away for reproduction; the
+    # augmenter starting at the identity, bilinear warps, zero padding. Kept one flag away for reproduction; the
     # defaults differ where measured better (README, docs/results.md). The augmenter's optimizer is Adam
     # 1e-3 (an update every step needs no larger one): the seed code's SGD 0.2 diverged here
     # (translations of 40 px within 8 updates).
     "paper": {"val_fraction": 0.2, "aug_period": 1, "unroll": 1, "hyper_batch": 1.0, "hypergrad": "exact",
               "transforms": "affine,color", "aug_init_translate_px": 0.0, "warp_mode": "bilinear",
-              "base_augment": "none", "aug_lr": 1e-3},
+              "base_augment": "none", "aug_lr": 1e-3, "padding_mode": "zeros"},
     # θ updated every 2 classifier steps on an eighth of the batch: 4x the default's θ updates for half
     # the images each. Best of the candidates on the selection splits (three seeds each, CIFAR and UC
     # Merced: docs/results.md), but 1.5x a plain step against the default's 1.2x
     # (docs/benchmarks/step_cpu.md): one flag away for when accuracy is worth that time. Adam 1e-3, as
-    # measured: the default's 4e-3 makes up for J=8's fewer updates, which this preset has not.
-    "frequent": {"aug_period": 2, "hyper_batch": 0.125, "aug_lr": 1e-3},
+    # measured: the default's 4e-3 makes up for J=8's fewer updates, which this preset has not; zero
+    # padding, as measured (the default's reflection came later).
+    "frequent": {"aug_period": 2, "hyper_batch": 0.125, "aug_lr": 1e-3, "padding_mode": "zeros"},
 }
 
 
@@ -106,7 +107,10 @@ class TrainConfig:
     center_hidden: bool = _f(True, "centre the augmenter's last hidden features over the batch")
     aug_init_translate_px: float = _f(0.0, "start the learned augmenter as a uniform random translation of +- "
                                       "this many pixels through a learnable noise path (0: start at identity)")
-    padding_mode: str = _f("zeros", "warp padding", choices=("zeros", "border", "reflection"))
+    padding_mode: str = _f("reflection", "what the warp shows where the image leaves the frame: reflection (mirrored "
+                           "content; best on the selection splits, docs/results.md), zeros (black borders no test "
+                           "image has: the paper's and kornia's), or border (edge pixels repeated)",
+                           choices=("zeros", "border", "reflection"))
     warp_mode: str = _f("bicubic", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
                         choices=("bilinear", "bicubic"))
     hypergrad: str = _f("exact", "hypergradient: exact (switches to finite difference, with a warning, if the "
@@ -128,7 +132,8 @@ class TrainConfig:
     hypergrad_control: str = _f("none", "ablation: random replaces the hypergradient by a random direction of the "
                                 "same norm", choices=("none", "random"))
     preset: str = _f("none", "a named setting whose values become the defaults (explicit flags still win): "
-                     "paper (20%% hold-out, exact K=J=1 on the full batch, identity start, bilinear, Adam 1e-3); "
+                     "paper (20%% hold-out, exact K=J=1 on the full batch, identity start, bilinear, zero padding, "
+                     "Adam 1e-3); "
                      "frequent (J=2 on an eighth of the batch, Adam 1e-3: 4x the theta updates, 1.5x a plain step)",
                      choices=("none", *PRESETS))
     # run

@@ -75,7 +75,8 @@ DOMAINS: dict[str, Domain] = {
 }
 
 _LEARNED = ["--augment", "learned", "--flip", "{flips}"]  # the project's learned defaults
-_L1 = [*_LEARNED, "--aug-lr", "1e-3"]  # the defaults up to the third round
+_ZEROS = ["--padding-mode", "zeros"]  # the warp's padding up to the fifth round (then reflection)
+_L1 = [*_LEARNED, "--aug-lr", "1e-3", *_ZEROS]  # the defaults up to the third round
 
 #: method → flags, with {flips} and {predefined} taken from the domain.
 METHODS: dict[str, list[str]] = {
@@ -89,7 +90,10 @@ METHODS: dict[str, list[str]] = {
     # The ablations of the signal: the same run with the hypergradient replaced by a random direction of
     # the same norm, and with the augmenter frozen at its initialisation (it never moves).
     "learned_random": [*_LEARNED, "--hypergrad-control", "random"],
-    "learned_frozen": [*_LEARNED, "--aug-lr", "0"],
+    "learned_frozen": [*_LEARNED, "--aug-lr", "0", *_ZEROS],
+    # The default of the third and fourth rounds (Adam 4e-3, zero padding) and its control.
+    "learned_zeros": [*_LEARNED, *_ZEROS],
+    "learned_random_zeros": [*_LEARNED, *_ZEROS, "--hypergrad-control", "random"],
     # The default before the third selection round (Adam 1e-3; now 4e-3) and its random-direction control.
     "learned_lr1e-3": _L1,
     "learned_random_lr1e-3": [*_L1, "--hypergrad-control", "random"],
@@ -104,7 +108,7 @@ METHODS: dict[str, list[str]] = {
     # 4x the θ updates (J=2 on an eighth of the batch): the second selection round's best, a preset
     "learned_frequent": [*_LEARNED, "--preset", "frequent"],
     # The 4e-3 default on top of DALI's RandAugment (the CIFAR best variant, learned_on_randaugment, again)
-    "learned_default_on_randaugment": [*_LEARNED, "--base-augment", "randaugment"],
+    "learned_default_on_randaugment": [*_LEARNED, *_ZEROS, "--base-augment", "randaugment"],
     # The paper's K = J = 1 at a hyper-batch of 1/8 (issue 12's exact-K=J=1 cost target)
     "learned_j1_hb8": [*_L1, "--aug-period", "1", "--hyper-batch", "0.125"],
 }
@@ -112,7 +116,7 @@ METHODS: dict[str, list[str]] = {
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
 #: lever each.
 _SEL = [*_LEARNED, "--val-fraction", "0", "--aug-period", "8", "--hyper-batch", "0.25", "--transforms", "affine,color",
-        "--aug-lr", "1e-3"]
+        "--aug-lr", "1e-3", *_ZEROS]
 _SEL_BICUBIC = [*_SEL, "--warp-mode", "bicubic"]  # the first round's choice, under every later candidate
 _SEL_4E3 = [*_SEL_BICUBIC, "--aug-lr", "4e-3"]  # the third round's choice (it overrides _SEL's 1e-3)
 METHODS.update({

@@ -34,10 +34,16 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
     explicit = {"sel_lr3e-3": 3e-3, "sel_lr4e-3": 4e-3, "sel_lr1e-2": 1e-2, "learned_default": 4e-3,
                 "learned_random": 4e-3, "learned_frozen": 0.0, "learned_default_on_randaugment": 4e-3,
                 "learned_paper": 1e-3, "sel_lr4e-3_on_randaugment": 4e-3,
-                "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3}
+                "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3,
+                "learned_zeros": 4e-3, "learned_random_zeros": 4e-3}
+    # ... and the zero padding every row before the fifth round ran with.
+    padding = {"learned_default": "reflection", "learned_random": "reflection", "sel_lr4e-3_reflection": "reflection",
+               "sel_lr4e-3_border": "border"}
+    assert default.padding_mode == TrainConfig.padding_mode == "reflection"
     for method, cfg in rows.items():
         if cfg.augment == "learned":
             assert cfg.aug_lr == explicit.get(method, 1e-3), method
+            assert cfg.padding_mode == padding.get(method, "zeros"), method
 
 
 def test_the_frequent_row_is_its_selection_candidate() -> None:

@@ -255,3 +255,30 @@ def test_sharpness_is_pils_enhance_sharpness():
     torch.nn.init.normal_(aug.head.weight, std=0.5)
     aug(x).sum().backward()
     assert aug.head.weight.grad.abs().sum() > 0
+
+
+def test_reflection_padding_mirrors_the_image_and_differentiates():
+    """The default padding: a whole-pixel shift shows the image mirrored about its edge (numpy's
+    ``symmetric`` pad, a second implementation), where zeros paint black; gradients in θ's parameters match
+    finite differences in float64 (bicubic, as the default warps)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    shift = {"translation": torch.tensor([[3 * 2 / 16, -2 * 2 / 16]] * 2, dtype=torch.float64)}  # +3 px x, -2 px y
+    out = apply_transform(x, shift, padding_mode="reflection", warp_mode="bicubic")
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (8, 8), (8, 8)), mode="symmetric")
+    want = padded[:, :, 8 - 2 : 8 - 2 + 16, 8 + 3 : 8 + 3 + 16]  # output(i, j) = input(i - 2, j + 3)
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-12)
+    black = apply_transform(x, shift, padding_mode="zeros", warp_mode="bicubic")
+    assert black[..., -3:].abs().max() == 0 and out[..., -3:].min() > 0
+
+    aff = torch.randn(1, 6, dtype=torch.float64) * 0.1
+    col = torch.randn(1, 4, dtype=torch.float64) * 0.1
+
+    mid = 0.25 + 0.5 * x[:1]  # away from 0 and 1, where the bicubic warp's clamp has its kinks
+
+    def f(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return apply_transform(mid, {"affine": a, "color": c}, padding_mode="reflection", warp_mode="bicubic")
+
+    assert torch.autograd.gradcheck(f, (aff.requires_grad_(), col.requires_grad_()), atol=1e-6)
