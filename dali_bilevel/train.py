@@ -31,6 +31,7 @@ from dali_bilevel.checkpoint import find_checkpoint, load_checkpoint, save_check
 from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import BilevelData, FolderData
 from dali_bilevel.hypergrad import trainable
+from dali_bilevel.machine import machine_info
 from dali_bilevel.precision import LossScale, Precision
 from dali_bilevel.steps import BilevelStep, PlainStep, Step, STNStep, checked_products, classifier_sgd
 from dali_bilevel.viz import augmentation_grid, save_grid
@@ -274,7 +275,8 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         resume_from = find_checkpoint(cfg.resume, out_dir)
     steps, J = data.steps_per_epoch(), cfg.aug_period
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes, "device": str(acc.device),
-                               "pil": pil_flavour(), "train_images": data.train_size, "epochs": []}
+                               "pil": pil_flavour(), "machine": machine_info(), "train_images": data.train_size,
+                               "epochs": []}
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0}
     if resume_from is not None:
         saved = load_checkpoint(resume_from, acc, step.modules)

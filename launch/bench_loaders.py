@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from dali_bilevel.machine import machine_info
 from pipelines.folder import IMAGE_EXTENSIONS
 from pipelines.torch_loader import pil_flavour
 
@@ -53,22 +51,7 @@ def image_files(root: Path) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                            "torch": torch.__version__, "pil": pil_flavour(),
-                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError:
-        info["dali"] = None
-    return info
+    return {**machine_info(), "pil": pil_flavour()}
 
 
 def make_loader(kind: str, device: str, files: list[str], a: argparse.Namespace):

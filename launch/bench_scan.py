@@ -34,10 +34,8 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,7 @@ from PIL import Image
 
 from dali_bilevel.config import TrainConfig
 from dali_bilevel.data import FolderData
+from dali_bilevel.machine import machine_info
 from pipelines.folder import FolderIndex, class_folders
 from pipelines.scan import checked_index, inspect_image, inspect_many, list_split, load_report, split_reports
 
@@ -83,23 +82,7 @@ def write_tree(root: Path, classes: int, per_class: int, val_per_class: int) -> 
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                            "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
-        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
-        info["hypervisor"] = fields.get("Hypervisor vendor", "").strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError:
-        info["dali"] = None
-    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return info
+    return machine_info()
 
 
 def timed(fn) -> tuple[float, Any]:

@@ -70,7 +70,9 @@ def test_nonfinite_hypergradient_never_reaches_theta(shapes_dir, tmp_path, monke
     state = torch.load(tmp_path / "augmenter.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
     assert torch.equal(state["head.weight"], torch.zeros_like(state["head.weight"]))  # never moved
-    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["aug_skipped_nonfinite"] == 4
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["epochs"][0]["aug_skipped_nonfinite"] == 4
+    assert saved["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # which kernels ran
 
 
 def test_setup_errors(shapes_dir, tmp_path):
