@@ -42,6 +42,8 @@ ROWS: dict[str, dict] = {
     "exact_j8_hb0.25": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25},
     "exact_j8_hb0.25_double": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25,
                                "hypergrad_products": "double"},
+    "exact_j8_hb0.25_zeros": {"hypergrad": "exact", "aug_period": 8, "hyper_batch": 0.25,
+                              "padding_mode": "zeros"},  # the default before the fifth round (reflection)
     "exact_j12_hb0.25": {"hypergrad": "exact", "aug_period": 12, "hyper_batch": 0.25},
     "exact_j2_hb0.125": {"hypergrad": "exact", "aug_period": 2, "hyper_batch": 0.125},
     "exact_j4_hb0.125": {"hypergrad": "exact", "aug_period": 4, "hyper_batch": 0.125},
