@@ -148,7 +148,7 @@ def default_overrides() -> dict:
 
     d = TrainConfig(data="-")
     return {"hypergrad": d.hypergrad, "aug_period": d.aug_period, "unroll": d.unroll, "hyper_batch": d.hyper_batch,
-            "hypergrad_products": d.hypergrad_products}
+            "hypergrad_products": d.hypergrad_products, "padding_mode": d.padding_mode, "warp_mode": d.warp_mode}
 
 
 def main() -> int:
