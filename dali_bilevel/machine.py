@@ -35,7 +35,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "hypervisor": f.get("Hypervisor vendor") or None,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: checkpoints hold this record, and weights_only loads
+        # refuse torch's TorchVersion class
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     try:

@@ -17,6 +17,7 @@ def test_machine_info_names_the_kernels_and_the_cpu() -> None:
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cpu_count"] == os.cpu_count() and info["torch"] == torch.__version__
     assert info["cpu"]
+    assert all(v is None or type(v) in (str, int) for v in info.values())  # checkpoints load it weights_only
 
 
 @pytest.mark.skipif(shutil.which("lscpu") is None or not Path("/proc/cpuinfo").exists(), reason="needs lscpu and "
