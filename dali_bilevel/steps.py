@@ -93,8 +93,6 @@ def checked_products(model: nn.Module, augmenter: nn.Module, image_size: int, nu
         err = forward_products_error(model64, augmenter64, x, y)
     except NoDoubleBackward:
         return "double"
-    finally:
-        del model64, augmenter64
     if isinstance(err, str) or not err <= 1e-3:
         why = err if isinstance(err, str) else f"relative error {err:.1e} to the double backward"
         say(f"note: forward-mode hypergradient products unreliable on this model ({why}); "
