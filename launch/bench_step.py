@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -116,7 +115,8 @@ def run_row(args: argparse.Namespace, overrides: dict, queue: mp.Queue, memory_o
     base_rss = rss_after_setup()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup * cycle):
+    # the memory child times nothing, so it runs at least one cycle even with --warmup 0
+    for _ in range((max(args.warmup, 1) if memory_only else args.warmup) * cycle):
         step(x, y)
     times = []
     for _ in range(0 if memory_only else args.repeats):
@@ -169,11 +169,13 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
+    from dali_bilevel.machine import machine_info
+
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = args.threads or torch.get_num_threads()
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()} CPU, {threads} threads")
+    info = {**machine_info(), "threads": threads}
+    machine = info["gpu"] if args.device == "cuda" else f"{info['cpu']} ({info['cpu_capability']}), {threads} threads"
     names = [n.strip() for n in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -213,7 +215,7 @@ def main() -> int:
         print(f"{name:<30} {r['median_s'] * 1e3:>9.1f} {r['time_ratio']:>8.2f} {r['peak_mb']:>9.0f} {mem:>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": machine, "torch": torch.__version__, "rows": rows},
+    out.write_text(json.dumps({"args": vars(args), "machine": info, "torch": torch.__version__, "rows": rows},
                               indent=2))
     print(f"wrote {out}")
     return 0

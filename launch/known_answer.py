@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from dali_bilevel.known_answer import (
     known_magnitude,
     run_known_answer,
 )
+from dali_bilevel.machine import machine_info
 
 MODES = ("exact", "finite_difference", "control")
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     out = {"command": "python launch/known_answer.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
+           "machine": machine_info(), "torch": torch.__version__,
            "threads": a.threads, "args": vars(a), "wall_s": time.perf_counter() - t0, "summary": rows, "runs": runs}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

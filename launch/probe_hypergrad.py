@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from dali_bilevel.accuracy import augmenter_gradient, cosine, step_state
+from dali_bilevel.machine import machine_info
 
 #: name → keyword arguments of `augmenter_gradient`
 VARIANTS: dict[str, dict] = {
@@ -69,7 +69,7 @@ def main() -> int:
                           flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+    out.write_text(json.dumps({"machine": {**machine_info(), "threads": torch.get_num_threads()},
                                "torch": torch.__version__, "variants": {k: {n: str(x) for n, x in v.items()}
                                                                         for k, v in VARIANTS.items()},
                                "rows": rows}, indent=2))

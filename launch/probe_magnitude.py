@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dali_bilevel.hypergrad import bilevel_step
+from dali_bilevel.machine import machine_info
 from models import apply_transform, create_backbone, random_flip, random_translate
 from pipelines.folder import scan_folder
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"epoch {epoch}  s {s:4.1f} px  dL_val/ds {mean:+.2e} ± {se:.1e} (t {mean / se:+.1f}, "
                   f"{row['frac_positive']:.0%} > 0)  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    out = {"machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+    out = {"machine": {**machine_info(), "threads": torch.get_num_threads()},
            "args": vars(a), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
