@@ -219,6 +219,39 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
     return out
 
 
+#: Order of `spread`'s quantities, by family.
+SPREAD_NAMES: dict[str, tuple[str, ...]] = {
+    "geometry": ("tx_px", "ty_px", "a11", "a12", "a21", "a22"),
+    "sharpness": ("sharpness",),
+    "color": ("brightness", "log_contrast", "log_saturation", "hue_rad"),
+}
+
+
+def spread(params: dict[str, Tensor], image_size: int) -> dict[str, dict[str, float]]:
+    """Per interpretable quantity, the batch mean and standard deviation of the sampled transforms.
+
+    `magnitudes` says how far the transforms are from identity; this says *how*: a policy whose
+    mean moved (every image shifted or recoloured alike, a train/test mismatch) or one that draws
+    per-sample variety around the identity (what augmentation is for). Shifts in pixels of an
+    ``image_size`` image, the 2x2 part as its residual on the identity, colour in `magnitudes`' units.
+    """
+    cols: dict[str, Tensor] = {}
+    mat = params_to_matrix(params)
+    if mat is not None:
+        delta = mat.detach().double() - torch.eye(2, 3, dtype=torch.float64, device=mat.device)
+        cols["tx_px"], cols["ty_px"] = delta[:, 0, 2] * image_size / 2, delta[:, 1, 2] * image_size / 2
+        for i in range(2):
+            for j in range(2):
+                cols[f"a{i + 1}{j + 1}"] = delta[:, i, j]
+    if "sharpness" in params:
+        cols["sharpness"] = params["sharpness"].detach().double()[:, 0]
+    if "color" in params:
+        c = color_factors(params["color"].detach().double())
+        cols["brightness"], cols["hue_rad"] = c["brightness"], c["hue"]
+        cols["log_contrast"], cols["log_saturation"] = c["contrast"].log(), c["saturation"].log()
+    return {k: {"mean": v.mean().item(), "sd": v.std().item() if v.numel() > 1 else 0.0} for k, v in cols.items()}
+
+
 def prior_layer(families: Sequence[str], noise_dim: int, n: int, translate: float) -> nn.Linear:
     """A learnable linear path from uniform noise to the outputs, started as the predefined
     random translation: raw tx, ty = atanh(``translate``) · (u0, u1), u ~ U(-1, 1), so the bounded

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from models.augmenter import (
     params_to_matrix,
     parse_transforms,
     save_policy,
+    spread,
 )
 from models.predefined import random_flip, random_translate
 
@@ -92,6 +94,25 @@ def test_magnitudes_report_pixels():
     params = {"translation": torch.tensor([[0.25, 0.0], [0.0, -0.25]])}
     m = magnitudes(params, image_size=32)
     assert m["translation_px"] == pytest.approx(4.0)
+
+
+def test_spread_separates_a_moved_mean_from_per_sample_variety():
+    aug = Augmenter("affine,color", "small")
+    with torch.no_grad():  # weights zero, bias only: every sample gets the same transform
+        aug.head.bias[2], aug.head.bias[9] = 0.25, 0.5  # the x shift (row 0, column 2) and the hue
+    s = spread(aug.sample_params(256), image_size=32)
+    assert s["tx_px"]["mean"] == pytest.approx(math.tanh(0.25) * 16, rel=1e-6)
+    assert s["hue_rad"]["mean"] == pytest.approx(math.pi * math.tanh(0.5), rel=1e-6)
+    assert all(v["sd"] < 1e-6 for v in s.values())  # no variety at all
+    assert s["ty_px"]["mean"] == s["brightness"]["mean"] == s["a12"]["mean"] == 0.0
+    # ±4 px about the identity, against numpy's ddof=1 deviation of the same pixel shifts
+    t = torch.tensor([[0.25, 0.0], [-0.25, 0.0]]).repeat(50, 1)
+    t[::7, 1] = 0.125
+    s = spread({"translation": t}, image_size=32)
+    assert s["tx_px"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert s["tx_px"]["sd"] == pytest.approx(float(np.std(t[:, 0].numpy() * 16, ddof=1)), rel=1e-6)
+    assert s["ty_px"]["mean"] == pytest.approx(float(np.mean(t[:, 1].numpy() * 16)), rel=1e-6)
+    assert "hue_rad" not in s and "a11" in s
 
 
 def test_predefined_flip_and_translate():
