@@ -82,7 +82,8 @@ class TrainConfig:
                       "baselines: DALI's RandAugment n=2 m=9 / TrivialAugment Wide on the train images, "
                       "--loader dali only), or frozen:PATH (a trained augmenter.pt applied as a fixed "
                       "augmentation, with no hypergradient)")
-    transforms: str = _f("affine,color", "learned transform families: translation, affine, color, sharpness")
+    transforms: str = _f("affine,color", "learned transform families: translation, affine, color, tone (color "
+                         "without hue), sharpness")
     base_augment: str = _f("none", "learned and STN runs: a DALI policy applied to the train images before the "
                            "learned one (the validation stream stays clean)",
                            choices=("none", "randaugment", "trivialaugment"))

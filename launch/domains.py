@@ -111,6 +111,8 @@ METHODS: dict[str, list[str]] = {
     "learned_default_on_randaugment": [*_LEARNED, *_ZEROS, "--base-augment", "randaugment"],
     # The paper's K = J = 1 at a hyper-batch of 1/8 (issue 12's exact-K=J=1 cost target)
     "learned_j1_hb8": [*_L1, "--aug-period", "1", "--hyper-batch", "0.125"],
+    # The default without hue rotation (sixth round's candidate): the colour changes RandAugment draws
+    "learned_tone": [*_LEARNED, "--transforms", "affine,tone"],
 }
 #: The candidates for the learned default, compared on the selection splits (explicit flags, so that
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
@@ -142,6 +144,10 @@ METHODS.update({
     # pixels and reflection mirrors the content (the usual pad of CIFAR's ±4 px crops).
     "sel_lr4e-3_reflection": [*_SEL_4E3, "--padding-mode", "reflection"],
     "sel_lr4e-3_border": [*_SEL_4E3, "--padding-mode", "border"],
+    # Sixth round: no hue rotation. The hypergradient grows a hue spread of 0.15-0.43 rad on every domain,
+    # 2-4x its random control's, and the worst UCSB seed had the widest; RandAugment and TrivialAugment
+    # never rotate hue. `tone` is the colour family without it.
+    "sel_lr4e-3_reflection_tone": [*_SEL_4E3, "--padding-mode", "reflection", "--transforms", "affine,tone"],
 })
 
 

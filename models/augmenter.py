@@ -18,7 +18,9 @@ now stays inside the image):
   |m| < ln2/2 and |(d, q)| < ln2/2, so every singular value (zoom along any axis) is in [1/2, 2]
   whatever the rotation φ (|φ| < π); det A = e^{2m} > 0, so it never folds or flattens;
 * colour: brightness offset in ±0.5, contrast and saturation factors in 1 ± 0.9 (AutoAugment's
-  enhance range), hue in ±π.
+  enhance range), hue in ±π;
+* tone: the colour family without hue (brightness, contrast, saturation): the colour changes
+  RandAugment and TrivialAugment draw, which never rotate hue.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Number of raw outputs each transform family needs.
-FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4, "sharpness": 1}
+FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4, "tone": 3, "sharpness": 1}
 
 #: The paper's three augmenter sizes: (noise dimension, hidden widths). ``None`` means "n",
 #: the number of transformation parameters; "10n" is written as the string "10n".
@@ -54,6 +56,8 @@ def parse_transforms(spec: str | Sequence[str]) -> tuple[str, ...]:
             f"--transforms: unknown or empty transform family {unknown or spec!r}; "
             f"choose a comma-separated subset of {', '.join(FAMILY_SIZES)}"
         )
+    if "color" in names and "tone" in names:
+        raise ValueError(f"--transforms: {spec!r} has both color and tone; tone is color without hue, choose one")
     return tuple(f for f in FAMILY_SIZES if f in names)
 
 
@@ -110,10 +114,14 @@ def bound_params(raw: dict[str, Tensor]) -> dict[str, Tensor]:
         out["translation"] = squash(raw["translation"], BOUNDS["translation"])
     if "sharpness" in raw:
         out["sharpness"] = squash(raw["sharpness"], BOUNDS["sharpness"])
-    if "color" in raw:
-        c = raw["color"]
-        out["color"] = torch.stack([squash(c[:, 0], BOUNDS["brightness"]), squash(c[:, 1], BOUNDS["contrast"]),
-                                    squash(c[:, 2], BOUNDS["saturation"]), BOUNDS["hue"] * torch.tanh(c[:, 3])], 1)
+    for family in ("color", "tone"):
+        if family in raw:
+            c = raw[family]
+            cols = [squash(c[:, 0], BOUNDS["brightness"]), squash(c[:, 1], BOUNDS["contrast"]),
+                    squash(c[:, 2], BOUNDS["saturation"])]
+            if family == "color":
+                cols.append(BOUNDS["hue"] * torch.tanh(c[:, 3]))
+            out[family] = torch.stack(cols, 1)
     return out
 
 
@@ -147,14 +155,19 @@ def params_to_matrix(params: dict[str, Tensor]) -> Tensor | None:
 
 
 def color_factors(p: Tensor) -> dict[str, Tensor]:
-    """Map the 4 colour parameters (brightness offset, contrast − 1, saturation − 1, hue) to
-    kornia's arguments; all are identity at 0."""
+    """Map the colour parameters (brightness offset, contrast − 1, saturation − 1 and, for ``color``
+    but not ``tone``, hue) to kornia's arguments; all are identity at 0. Tone's hue is exactly 0."""
     return {
         "brightness": p[:, 0],  # additive offset
         "contrast": 1 + p[:, 1],  # multiplicative factor
         "saturation": 1 + p[:, 2],  # multiplicative factor
-        "hue": p[:, 3],  # radians
+        "hue": p[:, 3] if p.shape[1] > 3 else torch.zeros_like(p[:, 0]),  # radians
     }
+
+
+def color_params(params: dict[str, Tensor]) -> Tensor | None:
+    """The colour family's parameters, whichever of ``color`` and ``tone`` there is."""
+    return params.get("color", params.get("tone"))
 
 
 WARP_MODES = ("bilinear", "bicubic")
@@ -173,12 +186,13 @@ def apply_transform(x: Tensor, params: dict[str, Tensor], padding_mode: str = "z
         x = F.grid_sample(x, grid, mode=warp_mode, padding_mode=padding_mode, align_corners=False)
         if warp_mode == "bicubic":
             x = x.clamp(0, 1)  # cubic weights overshoot at edges
-    if "color" in params:
-        c = color_factors(params["color"].to(x.dtype))
+    if (colour := color_params(params)) is not None:
+        c = color_factors(colour.to(x.dtype))
         x = kornia.enhance.adjust_brightness(x, c["brightness"])
         x = kornia.enhance.adjust_contrast(x, c["contrast"])
         x = kornia.enhance.adjust_saturation(x, c["saturation"])
-        x = kornia.enhance.adjust_hue(x, c["hue"])
+        if "color" in params:  # tone leaves hue alone: not even a rotation by 0 (an RGB-HSV round trip)
+            x = kornia.enhance.adjust_hue(x, c["hue"])
     if "sharpness" in params:
         x = sharpen(x, 1 + params["sharpness"][:, 0].to(x.dtype))
     return x
@@ -210,8 +224,8 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
         out["translation_px"] = (delta[:, :, 2].norm(dim=1) * image_size / 2).mean().item()
     if "sharpness" in params:
         out["sharpness_abs"] = params["sharpness"].detach().float().abs().mean().item()
-    if "color" in params:
-        c = color_factors(params["color"].detach().float())
+    if (colour := color_params(params)) is not None:
+        c = color_factors(colour.detach().float())
         out["brightness_abs"] = c["brightness"].abs().mean().item()
         out["contrast_abs_log"] = c["contrast"].log().abs().mean().item()
         out["saturation_abs_log"] = c["saturation"].log().abs().mean().item()
@@ -245,8 +259,8 @@ def spread(params: dict[str, Tensor], image_size: int) -> dict[str, dict[str, fl
                 cols[f"a{i + 1}{j + 1}"] = delta[:, i, j]
     if "sharpness" in params:
         cols["sharpness"] = params["sharpness"].detach().double()[:, 0]
-    if "color" in params:
-        c = color_factors(params["color"].detach().double())
+    if (colour := color_params(params)) is not None:
+        c = color_factors(colour.detach().double())
         cols["brightness"], cols["hue_rad"] = c["brightness"], c["hue"]
         cols["log_contrast"], cols["log_saturation"] = c["contrast"].log(), c["saturation"].log()
     return {k: {"mean": v.mean().item(), "sd": v.std().item() if v.numel() > 1 else 0.0} for k, v in cols.items()}

@@ -28,7 +28,8 @@ def test_parse_transforms_orders_and_rejects():
         parse_transforms("affine,zoom")
 
 
-@pytest.mark.parametrize("spec", ["translation", "affine", "color", "affine,color", "translation,affine,color"])
+@pytest.mark.parametrize("spec", ["translation", "affine", "color", "tone", "affine,color", "affine,tone",
+                                  "translation,affine,color"])
 @pytest.mark.parametrize("size", list(MLP_SIZES))
 def test_starts_at_identity(spec, size):
     aug = Augmenter(spec, size)
@@ -80,6 +81,30 @@ def test_colour_params_change_colours_differentiably():
     assert not torch.allclose(y[0], x[0]) and torch.allclose(y[1], x[1], atol=1e-5)
     y[0].sum().backward()
     assert (c.grad[0] != 0).all()
+
+
+def test_tone_is_colour_without_hue():
+    """``tone`` (brightness, contrast, saturation) is ``color`` with its hue held at exactly 0: the same
+    bounds on the same raw outputs, the same pixels, and no hue parameter for θ to move."""
+    raw = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 3
+    tone, colour = bound_params({"tone": raw[:, :3]})["tone"], bound_params({"color": raw})["color"]
+    assert tone.shape == (64, 3) and torch.equal(tone, colour[:, :3])
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    no_hue = torch.cat([colour[:, :3], torch.zeros(64, 1)], 1)
+    # adjust_hue by 0 is an RGB-HSV round trip: equal to float rounding, not bit for bit
+    torch.testing.assert_close(apply_transform(x, {"tone": tone}), apply_transform(x, {"color": no_hue}),
+                               atol=2e-6, rtol=0)
+    assert not torch.allclose(apply_transform(x, {"tone": tone}), apply_transform(x, {"color": colour}), atol=1e-2)
+    aug = Augmenter("affine,tone")
+    assert aug.families == ("affine", "tone") and aug.num_params == 9
+    torch.nn.init.normal_(aug.head.weight, std=0.5)
+    aug(x).square().sum().backward()
+    assert aug.head.weight.grad[6:].abs().sum() > 0  # the three tone outputs get gradients
+    p = aug.sample_params(256)
+    assert magnitudes(p, 8)["hue_abs_rad"] == 0.0 and magnitudes(p, 8)["saturation_abs_log"] > 0
+    assert spread(p, 8)["hue_rad"] == {"mean": 0.0, "sd": 0.0}
+    with pytest.raises(ValueError, match=r"--transforms: .*both color and tone"):
+        parse_transforms("affine,color,tone")
 
 
 def test_center_hidden_keeps_mean_at_bias():
