@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,15 +36,25 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
                 "learned_random": 4e-3, "learned_frozen": 0.0, "learned_default_on_randaugment": 4e-3,
                 "learned_paper": 1e-3, "sel_lr4e-3_on_randaugment": 4e-3,
                 "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3,
-                "learned_zeros": 4e-3, "learned_random_zeros": 4e-3}
+                "learned_zeros": 4e-3, "learned_random_zeros": 4e-3, "learned_tone": 4e-3,
+                "sel_lr4e-3_reflection_tone": 4e-3}
     # ... and the zero padding every row before the fifth round ran with.
     padding = {"learned_default": "reflection", "learned_random": "reflection", "sel_lr4e-3_reflection": "reflection",
-               "sel_lr4e-3_border": "border"}
+               "sel_lr4e-3_border": "border", "learned_tone": "reflection", "sel_lr4e-3_reflection_tone": "reflection"}
     assert default.padding_mode == TrainConfig.padding_mode == "reflection"
     for method, cfg in rows.items():
         if cfg.augment == "learned":
             assert cfg.aug_lr == explicit.get(method, 1e-3), method
             assert cfg.padding_mode == padding.get(method, "zeros"), method
+
+
+def test_the_tone_rows_are_the_default_without_hue() -> None:
+    """The sixth round's rows change the colour family and nothing else against what they are compared with."""
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("transforms", "output", "seed")]
+    for row, ref in (("learned_tone", "learned_default"), ("sel_lr4e-3_reflection_tone", "sel_lr4e-3_reflection")):
+        a, b = parsed("cifar", row), parsed("cifar", ref)
+        assert (a.transforms, b.transforms) == ("affine,tone", "affine,color")
+        assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
 
 
 def test_the_frequent_row_is_its_selection_candidate() -> None:
