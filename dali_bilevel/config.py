@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,9 @@ class TrainConfig:
                            choices=("zeros", "border", "reflection"))
     warp_mode: str = _f("bicubic", "warp interpolation: bicubic blurs sub-pixel shifts far less than bilinear",
                         choices=("bilinear", "bicubic"))
+    hue_slope: float = _f(math.pi, "slope at 0 of the learned hue rotation, pi*tanh(v*s/pi): pi (the default) moves "
+                          "hue pi times as far per theta step as every other colour parameter; 1 gives hue the "
+                          "others' slope")
     hypergrad: str = _f("exact", "hypergradient: exact (switches to finite difference, with a warning, if the "
                         "model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))

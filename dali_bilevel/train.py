@@ -113,7 +113,8 @@ def build_step(cfg: TrainConfig, acc: Accelerator, num_classes: int, steps: int)
     augmenter = None
     if learned or stn:
         augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode,
-                              init_translate=2 * cfg.aug_init_translate_px / cfg.image_size, warp_mode=cfg.warp_mode)
+                              init_translate=2 * cfg.aug_init_translate_px / cfg.image_size, warp_mode=cfg.warp_mode,
+                              hue_slope=cfg.hue_slope)
     elif cfg.augment.startswith("frozen:"):  # an exported policy, applied like a predefined one
         augmenter = load_policy(cfg.augment.split(":", 1)[1])
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips

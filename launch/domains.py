@@ -113,6 +113,8 @@ METHODS: dict[str, list[str]] = {
     "learned_j1_hb8": [*_L1, "--aug-period", "1", "--hyper-batch", "0.125"],
     # The default without hue rotation (sixth round's candidate): the colour changes RandAugment draws
     "learned_tone": [*_LEARNED, "--transforms", "affine,tone"],
+    # The default with hue at slope 1 like every other parameter (seventh round's candidate)
+    "learned_hue1": [*_LEARNED, "--hue-slope", "1"],
 }
 #: The candidates for the learned default, compared on the selection splits (explicit flags, so that
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
@@ -148,6 +150,9 @@ METHODS.update({
     # 2-4x its random control's, and the worst UCSB seed had the widest; RandAugment and TrivialAugment
     # never rotate hue. `tone` is the colour family without it.
     "sel_lr4e-3_reflection_tone": [*_SEL_4E3, "--padding-mode", "reflection", "--transforms", "affine,tone"],
+    # Seventh round: hue at slope 1. Every bounded parameter is b*tanh(v/b), slope 1 at 0, except hue, which
+    # kept the pre-bounds pi*tanh(v): a theta step moves it pi times as far. Between the default and `tone`.
+    "sel_lr4e-3_reflection_hue1": [*_SEL_4E3, "--padding-mode", "reflection", "--hue-slope", "1"],
 })
 
 

@@ -18,7 +18,9 @@ now stays inside the image):
   |m| < ln2/2 and |(d, q)| < ln2/2, so every singular value (zoom along any axis) is in [1/2, 2]
   whatever the rotation φ (|φ| < π); det A = e^{2m} > 0, so it never folds or flattens;
 * colour: brightness offset in ±0.5, contrast and saturation factors in 1 ± 0.9 (AutoAugment's
-  enhance range), hue in ±π;
+  enhance range), hue in ±π. Hue is the one exception to slope 1: by default it is π·tanh(v), slope
+  π at 0 (the parametrisation before the bounds, kept so trained policies keep their meaning), so a
+  θ step moves hue π times as far as the other parameters; ``hue_slope=1`` gives it slope 1 too;
 * tone: the colour family without hue (brightness, contrast, saturation): the colour changes
   RandAugment and TrivialAugment draw, which never rotate hue.
 """
@@ -94,11 +96,12 @@ def bounded_linear(raw: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(log)
 
 
-def bound_params(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+def bound_params(raw: dict[str, Tensor], hue_slope: float = math.pi) -> dict[str, Tensor]:
     """The MLP's raw outputs → bounded parameters in `apply_transform`'s units (0 stays 0).
 
     ``affine`` stays a residual on the 2x3 matrix; when ``translation`` is there too, the affine's
-    shift column moves into it, so that the total shift is bounded once.
+    shift column moves into it, so that the total shift is bounded once. Hue is π·tanh(v·s/π) with
+    slope ``hue_slope`` = s at 0 (π: the default, π·tanh(v) exactly; 1: like every other parameter).
     """
     out: dict[str, Tensor] = {}
     shift = None
@@ -120,7 +123,8 @@ def bound_params(raw: dict[str, Tensor]) -> dict[str, Tensor]:
             cols = [squash(c[:, 0], BOUNDS["brightness"]), squash(c[:, 1], BOUNDS["contrast"]),
                     squash(c[:, 2], BOUNDS["saturation"])]
             if family == "color":
-                cols.append(BOUNDS["hue"] * torch.tanh(c[:, 3]))
+                v = c[:, 3] if hue_slope == math.pi else c[:, 3] * (hue_slope / BOUNDS["hue"])
+                cols.append(BOUNDS["hue"] * torch.tanh(v))
             out[family] = torch.stack(cols, 1)
     return out
 
@@ -341,6 +345,7 @@ class Augmenter(nn.Module):
         padding_mode: str = "zeros",
         init_translate: float = 0.0,
         warp_mode: str = "bilinear",
+        hue_slope: float = math.pi,
     ) -> None:
         super().__init__()
         if size not in MLP_SIZES:
@@ -369,6 +374,9 @@ class Augmenter(nn.Module):
         if warp_mode not in WARP_MODES:
             raise ValueError(f"--warp-mode: unknown mode {warp_mode!r}; choose {', '.join(WARP_MODES)}")
         self.warp_mode = warp_mode
+        if not hue_slope > 0:
+            raise ValueError(f"--hue-slope: must be positive, got {hue_slope:g}")
+        self.hue_slope = float(hue_slope)
         self.prior: nn.Linear | None = None
         if init_translate:
             self.prior = prior_layer(self.families, self.noise_dim, n, self.init_translate)
@@ -392,7 +400,7 @@ class Augmenter(nn.Module):
 
     def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
         """Bounded transformation parameters for ``batch_size`` samples (`bound_params`)."""
-        return bound_params(self.raw_params(batch_size, noise))
+        return bound_params(self.raw_params(batch_size, noise), self.hue_slope)
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """A_θ(x) in float32 even inside an autocast region: in bf16 the matrix's residuals below about
@@ -405,7 +413,7 @@ class Augmenter(nn.Module):
         """What `from_spec` needs to rebuild this augmenter (saved beside its weights)."""
         return {"transforms": list(self.families), "size": self.size, "center_hidden": self.center_hidden,
                 "padding_mode": self.padding_mode, "init_translate": self.init_translate,
-                "warp_mode": self.warp_mode, "parametrisation": PARAMETRISATION}
+                "warp_mode": self.warp_mode, "hue_slope": self.hue_slope, "parametrisation": PARAMETRISATION}
 
     @classmethod
     def from_spec(cls, spec: dict[str, object]) -> Augmenter:
@@ -413,7 +421,8 @@ class Augmenter(nn.Module):
             raise ValueError("the policy was exported before the augmenter's parameters were bounded, so its "
                              "weights mean other transforms now; train it again")
         return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]),
-                   float(spec.get("init_translate", 0.0)), str(spec.get("warp_mode", "bilinear")))
+                   float(spec.get("init_translate", 0.0)), str(spec.get("warp_mode", "bilinear")),
+                   float(spec.get("hue_slope", math.pi)))  # policies saved before the flag: slope π
 
 
 def save_policy(augmenter: Augmenter, path: str | Path) -> None:

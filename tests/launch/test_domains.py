@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,10 +38,11 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
                 "learned_paper": 1e-3, "sel_lr4e-3_on_randaugment": 4e-3,
                 "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3,
                 "learned_zeros": 4e-3, "learned_random_zeros": 4e-3, "learned_tone": 4e-3,
-                "sel_lr4e-3_reflection_tone": 4e-3}
+                "sel_lr4e-3_reflection_tone": 4e-3, "learned_hue1": 4e-3, "sel_lr4e-3_reflection_hue1": 4e-3}
     # ... and the zero padding every row before the fifth round ran with.
     padding = {"learned_default": "reflection", "learned_random": "reflection", "sel_lr4e-3_reflection": "reflection",
-               "sel_lr4e-3_border": "border", "learned_tone": "reflection", "sel_lr4e-3_reflection_tone": "reflection"}
+               "sel_lr4e-3_border": "border", "learned_tone": "reflection", "sel_lr4e-3_reflection_tone": "reflection",
+               "learned_hue1": "reflection", "sel_lr4e-3_reflection_hue1": "reflection"}
     assert default.padding_mode == TrainConfig.padding_mode == "reflection"
     for method, cfg in rows.items():
         if cfg.augment == "learned":
@@ -54,6 +56,15 @@ def test_the_tone_rows_are_the_default_without_hue() -> None:
     for row, ref in (("learned_tone", "learned_default"), ("sel_lr4e-3_reflection_tone", "sel_lr4e-3_reflection")):
         a, b = parsed("cifar", row), parsed("cifar", ref)
         assert (a.transforms, b.transforms) == ("affine,tone", "affine,color")
+        assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
+
+
+def test_the_hue1_rows_are_the_default_with_hue_at_slope_one() -> None:
+    """The seventh round's rows change the hue's slope and nothing else against what they are compared with."""
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("hue_slope", "output", "seed")]
+    for row, ref in (("learned_hue1", "learned_default"), ("sel_lr4e-3_reflection_hue1", "sel_lr4e-3_reflection")):
+        a, b = parsed("cifar", row), parsed("cifar", ref)
+        assert (a.hue_slope, b.hue_slope) == (1.0, math.pi) and a.transforms == "affine,color"
         assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
 
 

@@ -107,6 +107,35 @@ def test_tone_is_colour_without_hue():
         parse_transforms("affine,color,tone")
 
 
+def test_hue_slope_one_gives_hue_the_others_slope():
+    """Hue is π·tanh(v) by default (slope π at 0, exactly as before the flag); ``hue_slope=1`` makes it
+    π·tanh(v/π), slope 1 like every other bounded parameter, with the same ±π bound, and a saved policy
+    keeps its slope (one saved before the flag means π)."""
+    raw = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    default, one = bound_params({"color": raw})["color"], bound_params({"color": raw}, hue_slope=1.0)["color"]
+    assert torch.equal(default[:, 3], math.pi * torch.tanh(raw[:, 3]))  # bit for bit the old path
+    assert torch.equal(default[:, :3], one[:, :3])  # brightness, contrast, saturation untouched
+    torch.testing.assert_close(one[:, 3], math.pi * torch.tanh(raw[:, 3] / math.pi), rtol=1e-15, atol=1e-15)
+    assert one[:, 3].abs().max() < math.pi and one[:, 3].abs().max() > 2.0  # same bound, still reachable
+    v = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    for slope in (math.pi, 1.0, 0.5):  # the derivative at 0 is the slope, by autograd
+        c = torch.cat([torch.zeros(1, 3, dtype=torch.float64), v[:, None]], 1)
+        (g,) = torch.autograd.grad(bound_params({"color": c}, hue_slope=slope)["color"][0, 3], v)
+        assert g.item() == pytest.approx(slope, rel=1e-12)
+    aug = Augmenter("affine,color", hue_slope=1.0)
+    torch.nn.init.normal_(aug.head.weight, std=0.5)
+    torch.nn.init.normal_(aug.head.bias, std=0.5)
+    z = aug.sample_noise(32)
+    torch.testing.assert_close(aug.sample_params(32, z)["color"],
+                               bound_params(aug.raw_params(32, z), hue_slope=1.0)["color"])
+    again = Augmenter.from_spec(aug.spec())
+    assert again.hue_slope == 1.0
+    spec = {k: v for k, v in aug.spec().items() if k != "hue_slope"}
+    assert Augmenter.from_spec(spec).hue_slope == math.pi
+    with pytest.raises(ValueError, match="--hue-slope"):
+        Augmenter("affine,color", hue_slope=0.0)
+
+
 def test_center_hidden_keeps_mean_at_bias():
     torch.manual_seed(0)
     aug = Augmenter("affine", "small", center_hidden=True)
