@@ -50,22 +50,23 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
             assert cfg.padding_mode == padding.get(method, "zeros"), method
 
 
-def test_the_tone_rows_are_the_default_without_hue() -> None:
-    """The sixth round's rows change the colour family and nothing else against what they are compared with."""
-    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("transforms", "output", "seed")]
-    for row, ref in (("learned_tone", "learned_default"), ("sel_lr4e-3_reflection_tone", "sel_lr4e-3_reflection")):
-        a, b = parsed("cifar", row), parsed("cifar", ref)
-        assert (a.transforms, b.transforms) == ("affine,tone", "affine,color")
-        assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
-
-
-def test_the_hue1_rows_are_the_default_with_hue_at_slope_one() -> None:
-    """The seventh round's rows change the hue's slope and nothing else against what they are compared with."""
-    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("hue_slope", "output", "seed")]
-    for row, ref in (("learned_hue1", "learned_default"), ("sel_lr4e-3_reflection_hue1", "sel_lr4e-3_reflection")):
-        a, b = parsed("cifar", row), parsed("cifar", ref)
-        assert (a.hue_slope, b.hue_slope) == (1.0, math.pi) and a.transforms == "affine,color"
-        assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
+@pytest.mark.parametrize(("row", "ref", "setting", "values"), [
+    # sixth round: the colour family without hue
+    ("learned_tone", "learned_default", "transforms", ("affine,tone", "affine,color")),
+    ("sel_lr4e-3_reflection_tone", "sel_lr4e-3_reflection", "transforms", ("affine,tone", "affine,color")),
+    # seventh round: hue at slope 1
+    ("learned_hue1", "learned_default", "hue_slope", (1.0, math.pi)),
+    ("sel_lr4e-3_reflection_hue1", "sel_lr4e-3_reflection", "hue_slope", (1.0, math.pi)),
+])
+def test_a_candidate_row_changes_one_setting_against_its_reference(
+        row: str, ref: str, setting: str, values: tuple[object, object]) -> None:
+    """A selection round's rows change the one setting under test and nothing else against what they are
+    compared with (the references keep the affine and colour families)."""
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in (setting, "output", "seed")]
+    a, b = parsed("cifar", row), parsed("cifar", ref)
+    assert (getattr(a, setting), getattr(b, setting)) == values
+    assert b.transforms == "affine,color"
+    assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], row
 
 
 def test_the_frequent_row_is_its_selection_candidate() -> None:
