@@ -15,7 +15,10 @@ Each (domain, method, seed) runs its launch script in its own process (``launch/
 finished runs are reused), ``--jobs`` at a time with ``DALI_BILEVEL_THREADS`` threads each. A method
 ``X@eqtime`` is baseline X given the wall time of ``learned_default`` on its domain as extra epochs
 (its epochs times the ratio of the two methods' mean wall times over finished seeds). The table goes to
-``OUT/domains.md`` and one row per run to ``--csv`` (domain,method,seed,test_acc,wall_s,...).
+``OUT/domains.md`` and one row per run to ``--csv`` (domain,method,seed,test_acc,wall_s,...); with
+``--paired learned_default``, each domain's table is followed by the default's lead over every other method
+seed by seed (a seed is the same initialisation and batch order for every method, and on UCSB the same test
+slides) and the exact sign-flip test's p, which with n seeds cannot fall below 2/2^n.
 """
 
 from __future__ import annotations
@@ -220,11 +223,48 @@ def read_csv_rows(csv_path: Path) -> dict[tuple[str, str, int], dict]:
         return {(r["domain"], r["method"], int(r["seed"])): r for r in csv.DictReader(fh)}
 
 
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided exact p of the paired sign-flip test: the share of the 2^n sign patterns of the per-seed
+    differences whose mean is at least as far from 0 as the observed one. It assumes nothing about the
+    differences' distribution (a seed's spread here is not normal: UCSB's per-image accuracy moves in steps
+    of 5-8 points), and it says what n seeds can show at best: 2/2^n (3 seeds 0.25, 5 seeds 0.0625)."""
+    if not diffs:
+        raise ValueError("sign_flip_p needs at least one difference")
+    observed = abs(sum(diffs)) - 1e-9  # a tolerance, so that a pattern equal to the observed one counts
+    hits = sum(abs(sum(d if (mask >> i) & 1 else -d for i, d in enumerate(diffs))) >= observed
+               for mask in range(2 ** len(diffs)))
+    return hits / 2 ** len(diffs)
+
+
+def paired_lines(found: dict[tuple[str, int], dict | None], ref: str, methods: list[str], seeds: list[int],
+                 keys: list[tuple[str, str]]) -> list[str]:
+    """A markdown table of ``ref`` against each other method on the seeds both finished: the per-seed lead
+    (ref − method: the same seed is the same initialisation, batch order and, on UCSB, test slides), its
+    mean ± std, on how many seeds ref is ahead, and the sign-flip test's p. ``keys``: (CSV column, label)."""
+    lines = ["", f"| {ref} − method, seed by seed | per seed | mean ± std | {ref} ahead | sign-flip p |",
+             "|---|---|---|---|---|"]
+    for method in methods:
+        if method == ref:
+            continue
+        both = [s for s in seeds if found.get((ref, s)) and found.get((method, s))]
+        for key, label in keys:
+            diffs = [float(found[(ref, s)][key]) - float(found[(method, s)][key]) for s in both
+                     if found[(ref, s)].get(key) not in (None, "") and found[(method, s)].get(key) not in (None, "")]
+            if not diffs:
+                continue
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            lines.append(f"| {method}{label} | {' / '.join(f'{d:+.1f}' for d in diffs)} | "
+                         f"{statistics.mean(diffs):+.1f} ± {std:.1f} | {sum(d > 0 for d in diffs)} of {len(diffs)} | "
+                         f"{sign_flip_p(diffs):.3g} |")
+    return lines
+
+
 def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[int], csv_path: Path | None,
-          merge: bool = False, wall_ref: str = "learned_default") -> str:
+          merge: bool = False, wall_ref: str = "learned_default", paired: str = "") -> str:
     """Markdown tables and the CSV. With ``merge``, a run without a finished folder under ``out_root`` keeps
     its row of the existing CSV (rows of other methods and seeds are kept too), so that adding a method
-    does not need every earlier run's folder."""
+    does not need every earlier run's folder. With ``paired``, each domain's table is followed by that
+    method's per-seed lead over every other method (`paired_lines`)."""
     earlier = read_csv_rows(csv_path) if merge and csv_path is not None else {}
     lines, rows = [], {}
     for name in domains:
@@ -232,7 +272,7 @@ def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[in
                   "| method | " + " / ".join(f"seed {s}" for s in seeds) + f" | mean ± std | wall vs {wall_ref} |"
                   " final train loss |", "|---|---|---|---|---|"]
         found = {(method, s): run_row(out_root / name, name, method, s) or earlier.get((name, method, s))
-                 for method in {*methods, wall_ref} for s in seeds}
+                 for method in {*methods, wall_ref, *([paired] if paired else [])} for s in seeds}
         ref = [float(r["wall_s"]) for s in seeds if (r := found[(wall_ref, s)])]
         for method in methods:
             got = [found[(method, s)] for s in seeds]
@@ -248,6 +288,9 @@ def table(out_root: Path, domains: list[str], methods: list[str], seeds: list[in
             loss = statistics.mean(float(r["final_train_loss"]) for r in done)
             lines.append(f"| {method} | {' / '.join(cells)} | {statistics.mean(accs):.1f} ± {std:.1f} | {ratio} | "
                          f"{loss:.3f} |")
+        if paired:
+            keys = [("test_acc", ""), ("test_tile_acc", " (per tile)")] if name == "ucsb" else [("test_acc", "")]
+            lines += paired_lines(found, paired, methods, seeds, keys)
     if csv_path is not None and rows:
         out_rows = list(rows.values()) + [r for k, r in earlier.items() if k not in rows]
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,9 +317,12 @@ def main() -> int:
                    "wall column divides by (runs from one machine only compare with runs from the same machine)")
     p.add_argument("--merge", action="store_true", help="with --csv: runs without a folder under --out keep their "
                    "row of the existing CSV (the record once run folders are gone), and its other rows are kept")
+    p.add_argument("--paired", default="", metavar="METHOD", help="after each domain's table, METHOD's lead over "
+                   "every other method seed by seed, with the exact sign-flip test's p (the seed pairs the runs)")
     a = p.parse_args()
     domains, methods = a.domains.split(","), a.methods.split(",")
-    unknown = [d for d in domains if d not in DOMAINS] + [m for m in methods if m.split("@")[0] not in METHODS]
+    unknown = [d for d in domains if d not in DOMAINS] + [m for m in methods + ([a.paired] if a.paired else [])
+                                                          if m.split("@")[0] not in METHODS]
     if unknown:
         p.error(f"unknown domain or method {unknown}; domains: {', '.join(DOMAINS)}; methods: {', '.join(METHODS)}")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -297,7 +343,8 @@ def main() -> int:
                     f.result()
     if a.merge and not a.csv:
         p.error("--merge needs --csv: the table whose rows it keeps")
-    print(table(out_root, domains, methods, seeds, Path(a.csv) if a.csv else None, a.merge, a.wall_ref))
+    print(table(out_root, domains, methods, seeds, Path(a.csv) if a.csv else None, a.merge, a.wall_ref,
+                a.paired))
     return 0
 
 

@@ -104,3 +104,43 @@ def test_merge_keeps_the_csv_rows_of_runs_whose_folders_are_gone(tmp_path: Path)
 def test_merge_needs_an_existing_csv(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no earlier table"):
         domains.table(tmp_path, ["cifar"], ["none"], [0], tmp_path / "missing.csv", merge=True)
+
+
+@pytest.mark.parametrize(("diffs", "p"), [([1.0, 2.0, 3.0], 0.25), ([3.0, -1.0], 1.0), ([4.0, 1.0, -1.0], 0.75),
+                                          ([2.6, 1.4, -0.2, -3.3, 7.7], 0.5), ([0.4] * 5, 0.0625)])
+def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme(diffs: list[float], p: float) -> None:
+    """By hand: [4, 1, −1] has mean 4/3; the patterns ±4±1±1 with |sum| ≥ 4 are 6 of 8. Five equal leads give
+    the least p five seeds can give, 2/32."""
+    assert domains.sign_flip_p(diffs) == p
+
+
+def test_sign_flip_p_agrees_with_a_brute_force_over_itertools() -> None:
+    import itertools
+    import random
+    rng = random.Random(0)
+    for n in range(1, 8):
+        d = [round(rng.uniform(-5, 5), 1) for _ in range(n)]
+        obs = abs(sum(d))
+        want = sum(abs(sum(s * x for s, x in zip(signs, d, strict=True))) >= obs - 1e-9
+                   for signs in itertools.product((1, -1), repeat=n)) / 2 ** n
+        assert domains.sign_flip_p(d) == pytest.approx(want, abs=0)
+    with pytest.raises(ValueError):
+        domains.sign_flip_p([])
+
+
+def test_paired_table_gives_the_reference_lead_per_seed_image_and_tile(tmp_path: Path) -> None:
+    """Only seeds both methods finished are paired; UCSB gets a per-tile row too; the lead is ref − method."""
+    csv_path = tmp_path / "domains.csv"
+    csv_path.write_text("domain,method,seed,test_acc,wall_s,epochs,test_tile_acc,final_train_loss\n"
+                        "ucsb,learned_default,0,73.7,100.0,2,62.3,0.5\n"
+                        "ucsb,learned_default,1,75.0,100.0,2,60.0,0.5\n"
+                        "ucsb,learned_default,2,58.3,100.0,2,59.0,0.5\n"
+                        "ucsb,none,0,73.7,80.0,2,65.0,0.5\n"
+                        "ucsb,none,1,66.7,80.0,2,61.0,0.5\n")
+    (tmp_path / "runs" / "ucsb").mkdir(parents=True)
+    md = domains.table(tmp_path / "runs", ["ucsb"], ["none", "learned_default"], [0, 1, 2], csv_path, merge=True,
+                       paired="learned_default")
+    assert "| none | +0.0 / +8.3 | +4.1 ± 5.9 | 1 of 2 | 1 |" in md  # 75.0 − 66.7 = 8.29..: all four patterns reach it
+    assert "| none (per tile) | -2.7 / -1.0 | -1.9 ± 1.2 | 0 of 2 | 0.5 |" in md
+    assert "| learned_default |" in md.split("− method")[0]  # the reference is not paired with itself
+    assert md.count("| learned_default |") == 1
