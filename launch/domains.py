@@ -227,7 +227,8 @@ def sign_flip_p(diffs: list[float]) -> float:
     """Two-sided exact p of the paired sign-flip test: the share of the 2^n sign patterns of the per-seed
     differences whose mean is at least as far from 0 as the observed one. It assumes nothing about the
     differences' distribution (a seed's spread here is not normal: UCSB's per-image accuracy moves in steps
-    of 5-8 points), and it says what n seeds can show at best: 2/2^n (3 seeds 0.25, 5 seeds 0.0625)."""
+    of 5-11 points: one of its 9-19 test images), and it says what n seeds can show at best: 2/2^n (3 seeds
+    0.25, 5 seeds 0.0625)."""
     if not diffs:
         raise ValueError("sign_flip_p needs at least one difference")
     observed = abs(sum(diffs)) - 1e-9  # a tolerance, so that a pattern equal to the observed one counts
