@@ -118,6 +118,11 @@ class TrainConfig:
     hue_slope: float = _f(math.pi, "slope at 0 of the learned hue rotation, pi*tanh(v*s/pi): pi (the default) moves "
                           "hue pi times as far per theta step as every other colour parameter; 1 gives hue the "
                           "others' slope")
+    hue_bound: str = _f("pi", "largest learned hue rotation in radians, b*tanh(v*s/b): pi (the default: any "
+                        "rotation), a number in (0, pi], or data: the circular standard deviation of the training "
+                        "images' mean hues (pipelines/colour_stats.py; about 0.2 rad on H&E histology, 0.9-1.4 "
+                        "on aerial and natural photographs), so that no learned rotation leaves the hues the "
+                        "domain's images show")
     hypergrad: str = _f("exact", "hypergradient: exact (switches to finite difference, with a warning, if the "
                         "model has an op without double backward) or finite difference",
                         choices=("exact", "finite_difference"))
@@ -168,6 +173,20 @@ class TrainConfig:
             raise ValueError(f"--hyper-batch must be in (0, 1], got {self.hyper_batch}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.hue_bound != "data":
+            self.hue_bound_rad()  # a bad value fails here, not when the augmenter is built
+
+    def hue_bound_rad(self) -> float:
+        """``--hue-bound`` in radians (``data`` is resolved from the training images before this is read)."""
+        if self.hue_bound == "pi":
+            return math.pi
+        try:
+            b = float(self.hue_bound)
+        except ValueError:
+            raise ValueError(f"--hue-bound: expected pi, data or a number of radians, got {self.hue_bound!r}") from None
+        if not 0 < b <= math.pi:
+            raise ValueError(f"--hue-bound: must be in (0, pi] radians, got {self.hue_bound!r}")
+        return b
 
     def resolved_precision(self, device_type: str) -> str:
         """``--mixed-precision auto``: bf16 on a GPU with bf16 support, float32 on the CPU (where bf16 is slow)."""

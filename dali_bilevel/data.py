@@ -285,6 +285,7 @@ Batch = tuple  # (images [0,1] NCHW, labels) or (images, labels, groups) for til
 
 class BilevelData(Protocol):
     classes: tuple[str, ...]
+    train: FolderIndex  # the training images (the augmenter's validation split is drawn from them)
     train_size: int  # images the classifier trains on per epoch (after the validation split)
 
     def steps_per_epoch(self) -> int: ...

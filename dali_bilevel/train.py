@@ -38,6 +38,7 @@ from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes
 from models.augmenter import bound_fractions, load_policy, save_policy
 from models.predefined import predefined_policy
+from pipelines.colour_stats import hue_spread
 from pipelines.torch_loader import pil_flavour
 
 
@@ -114,7 +115,7 @@ def build_step(cfg: TrainConfig, acc: Accelerator, num_classes: int, steps: int)
     if learned or stn:
         augmenter = Augmenter(cfg.transforms, cfg.aug_size, cfg.center_hidden, cfg.padding_mode,
                               init_translate=2 * cfg.aug_init_translate_px / cfg.image_size, warp_mode=cfg.warp_mode,
-                              hue_slope=cfg.hue_slope)
+                              hue_slope=cfg.hue_slope, hue_bound=cfg.hue_bound_rad())
     elif cfg.augment.startswith("frozen:"):  # an exported policy, applied like a predefined one
         augmenter = load_policy(cfg.augment.split(":", 1)[1])
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)  # per-process noise and flips
@@ -272,12 +273,24 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
             acc.print(f"note: --aug-period {cfg.aug_period} is more than the {data.steps_per_epoch()} steps of an "
                       f"epoch; the augmenter updates every {data.steps_per_epoch()} steps (once an epoch)")
             cfg = dataclasses.replace(cfg, aug_period=data.steps_per_epoch())
+        hue_note = None
+        # --hue-bound data: the training images' own hue spread bounds the learned hue (pipelines/colour_stats.py)
+        if cfg.augment in ("learned", "stn") and cfg.hue_bound == "data":
+            spread = hue_spread(data.train.files)
+            cfg = dataclasses.replace(cfg, hue_bound=repr(min(math.pi, spread.spread)))
+            hue_note = {"spread_rad": spread.spread if math.isfinite(spread.spread) else None,  # JSON has no inf
+                        "images": spread.images, "with_hue": spread.with_hue}
+            acc.print(f"note: --hue-bound data: the mean hues of {spread.with_hue} of {spread.images} training "
+                      f"images spread {spread.spread:.3f} rad; learned hue rotations stay within "
+                      f"±{cfg.hue_bound_rad():.3f} rad")
         step = build_step(cfg, acc, len(data.classes), data.steps_per_epoch())
         resume_from = find_checkpoint(cfg.resume, out_dir)
     steps, J = data.steps_per_epoch(), cfg.aug_period
     metrics: dict[str, Any] = {"config": cfg.to_dict(), "num_processes": acc.num_processes, "device": str(acc.device),
                                "pil": pil_flavour(), "machine": machine_info(), "train_images": data.train_size,
                                "epochs": []}
+    if hue_note:
+        metrics["hue_bound_data"] = hue_note
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0}
     if resume_from is not None:
         saved = load_checkpoint(resume_from, acc, step.modules)

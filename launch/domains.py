@@ -118,6 +118,8 @@ METHODS: dict[str, list[str]] = {
     "learned_tone": [*_LEARNED, "--transforms", "affine,tone"],
     # The default with hue at slope 1 like every other parameter (seventh round's candidate)
     "learned_hue1": [*_LEARNED, "--hue-slope", "1"],
+    # The default with its hue bounded by the training images' own hue spread (eighth round's candidate)
+    "learned_huedata": [*_LEARNED, "--hue-bound", "data"],
 }
 #: The candidates for the learned default, compared on the selection splits (explicit flags, so that
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
@@ -156,6 +158,9 @@ METHODS.update({
     # Seventh round: hue at slope 1. Every bounded parameter is b*tanh(v/b), slope 1 at 0, except hue, which
     # kept the pre-bounds pi*tanh(v): a theta step moves it pi times as far. Between the default and `tone`.
     "sel_lr4e-3_reflection_hue1": [*_SEL_4E3, "--padding-mode", "reflection", "--hue-slope", "1"],
+    # Eighth round: hue bounded by the training images' own hue spread (circular std of their mean hues,
+    # pipelines/colour_stats.py): about 1.4 rad on CIFAR, 0.9 on UC Merced, 0.2 on UCSB's H&E slides.
+    "sel_lr4e-3_reflection_huedata": [*_SEL_4E3, "--padding-mode", "reflection", "--hue-bound", "data"],
 })
 
 

@@ -20,7 +20,8 @@ now stays inside the image):
 * colour: brightness offset in ±0.5, contrast and saturation factors in 1 ± 0.9 (AutoAugment's
   enhance range), hue in ±π. Hue is the one exception to slope 1: by default it is π·tanh(v), slope
   π at 0 (the parametrisation before the bounds, kept so trained policies keep their meaning), so a
-  θ step moves hue π times as far as the other parameters; ``hue_slope=1`` gives it slope 1 too;
+  θ step moves hue π times as far as the other parameters; ``hue_slope=1`` gives it slope 1 too, and
+  ``hue_bound`` a bound below π (the slope at 0 stays ``hue_slope``);
 * tone: the colour family without hue (brightness, contrast, saturation): the colour changes
   RandAugment and TrivialAugment draw, which never rotate hue.
 """
@@ -96,12 +97,15 @@ def bounded_linear(raw: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(log)
 
 
-def bound_params(raw: dict[str, Tensor], hue_slope: float = math.pi) -> dict[str, Tensor]:
+def bound_params(raw: dict[str, Tensor], hue_slope: float = math.pi, hue_bound: float = math.pi
+                 ) -> dict[str, Tensor]:
     """The MLP's raw outputs → bounded parameters in `apply_transform`'s units (0 stays 0).
 
     ``affine`` stays a residual on the 2x3 matrix; when ``translation`` is there too, the affine's
-    shift column moves into it, so that the total shift is bounded once. Hue is π·tanh(v·s/π) with
-    slope ``hue_slope`` = s at 0 (π: the default, π·tanh(v) exactly; 1: like every other parameter).
+    shift column moves into it, so that the total shift is bounded once. Hue is b·tanh(v·s/b) with
+    slope ``hue_slope`` = s at 0 and bound ``hue_bound`` = b (s = b = π: the default, π·tanh(v)
+    exactly; s = 1: like every other parameter; b < π: ``--hue-bound``, e.g. the training images' own
+    hue spread, `pipelines.colour_stats`).
     """
     out: dict[str, Tensor] = {}
     shift = None
@@ -123,8 +127,8 @@ def bound_params(raw: dict[str, Tensor], hue_slope: float = math.pi) -> dict[str
             cols = [squash(c[:, 0], BOUNDS["brightness"]), squash(c[:, 1], BOUNDS["contrast"]),
                     squash(c[:, 2], BOUNDS["saturation"])]
             if family == "color":
-                v = c[:, 3] if hue_slope == math.pi else c[:, 3] * (hue_slope / BOUNDS["hue"])
-                cols.append(BOUNDS["hue"] * torch.tanh(v))
+                v = c[:, 3] if hue_slope == hue_bound else c[:, 3] * (hue_slope / hue_bound)
+                cols.append(hue_bound * torch.tanh(v))
             out[family] = torch.stack(cols, 1)
     return out
 
@@ -346,6 +350,7 @@ class Augmenter(nn.Module):
         init_translate: float = 0.0,
         warp_mode: str = "bilinear",
         hue_slope: float = math.pi,
+        hue_bound: float = math.pi,
     ) -> None:
         super().__init__()
         if size not in MLP_SIZES:
@@ -377,6 +382,9 @@ class Augmenter(nn.Module):
         if not hue_slope > 0:
             raise ValueError(f"--hue-slope: must be positive, got {hue_slope:g}")
         self.hue_slope = float(hue_slope)
+        if not 0 < hue_bound <= math.pi:
+            raise ValueError(f"--hue-bound: must be in (0, pi] radians, got {hue_bound:g}")
+        self.hue_bound = float(hue_bound)
         self.prior: nn.Linear | None = None
         if init_translate:
             self.prior = prior_layer(self.families, self.noise_dim, n, self.init_translate)
@@ -400,7 +408,7 @@ class Augmenter(nn.Module):
 
     def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
         """Bounded transformation parameters for ``batch_size`` samples (`bound_params`)."""
-        return bound_params(self.raw_params(batch_size, noise), self.hue_slope)
+        return bound_params(self.raw_params(batch_size, noise), self.hue_slope, self.hue_bound)
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """A_θ(x) in float32 even inside an autocast region: in bf16 the matrix's residuals below about
@@ -413,7 +421,8 @@ class Augmenter(nn.Module):
         """What `from_spec` needs to rebuild this augmenter (saved beside its weights)."""
         return {"transforms": list(self.families), "size": self.size, "center_hidden": self.center_hidden,
                 "padding_mode": self.padding_mode, "init_translate": self.init_translate,
-                "warp_mode": self.warp_mode, "hue_slope": self.hue_slope, "parametrisation": PARAMETRISATION}
+                "warp_mode": self.warp_mode, "hue_slope": self.hue_slope, "hue_bound": self.hue_bound,
+                "parametrisation": PARAMETRISATION}
 
     @classmethod
     def from_spec(cls, spec: dict[str, object]) -> Augmenter:
@@ -422,7 +431,8 @@ class Augmenter(nn.Module):
                              "weights mean other transforms now; train it again")
         return cls(spec["transforms"], spec["size"], bool(spec["center_hidden"]), str(spec["padding_mode"]),
                    float(spec.get("init_translate", 0.0)), str(spec.get("warp_mode", "bilinear")),
-                   float(spec.get("hue_slope", math.pi)))  # policies saved before the flag: slope π
+                   float(spec.get("hue_slope", math.pi)),  # policies saved before the flags: slope π,
+                   float(spec.get("hue_bound", math.pi)))  # bound π
 
 
 def save_policy(augmenter: Augmenter, path: str | Path) -> None:

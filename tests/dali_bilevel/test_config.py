@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dali_bilevel.config import PRESETS, TrainConfig, parse_config
@@ -29,3 +31,14 @@ def test_unknown_preset_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         parse_config(["--data", "d", "--preset", "fast"])
     assert "--preset" in capsys.readouterr().err
+
+
+def test_hue_bound_takes_pi_data_or_radians() -> None:
+    """``--hue-bound``: pi (the default, any rotation), data (resolved from the training images when the run
+    starts) or radians in (0, pi]; anything else fails when the flags are read, naming the flag."""
+    assert TrainConfig(data="d").hue_bound_rad() == math.pi
+    assert parse_config(["--data", "d", "--hue-bound", "0.25"]).hue_bound_rad() == 0.25
+    assert parse_config(["--data", "d", "--hue-bound", "data"]).hue_bound == "data"
+    for bad in ("4", "0", "-1", "half"):
+        with pytest.raises(ValueError, match="--hue-bound"):
+            parse_config(["--data", "d", "--hue-bound", bad])

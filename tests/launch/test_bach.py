@@ -143,14 +143,21 @@ def run_bach(args):
 @pytest.mark.slow
 @pytest.mark.parametrize(("loader", "augment"), [("dali", "learned"), ("torch", "predefined"), ("dali", "randaugment")])
 def test_bach_end_to_end(tmp_path, loader, augment):
+    """With ``--hue-bound data`` (learned): the bound is the training images' hue spread, recorded, and held."""
     root = write_tiffs(tmp_path / "data", {"benign": {"b1": 1, "b2": 1}, "malignant": {"m1": 1, "m2": 1}})
     out = tmp_path / "out"
     r = run_bach(["--data", str(root), "--output", str(out), "--loader", loader, "--workers", "1",
                   "--augment", augment, "--model", "cifar_resnet18_w16", "--tile-size", "32", "--tiles-per-image", "4",
                   "--batch-size", "4", "--split-by", "image", "--test-fraction", "0.5", "--val-fraction", "0.5",
-                  "--epochs", "2", "--lr", "0.05", "--no-progress"])
+                  "--epochs", "2", "--lr", "0.05", "--no-progress",
+                  *(["--hue-bound", "data"] if augment == "learned" else [])])
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
+    if augment == "learned":  # 2 training images, one pink and one purple: about 0.5 rad apart
+        note, bound = m["hue_bound_data"], float(m["config"]["hue_bound"])
+        assert (note["images"], note["with_hue"]) == (2, 2) and bound == pytest.approx(note["spread_rad"])
+        assert 0.2 < bound < 1.0 and f"within ±{bound:.3f} rad" in r.stdout
+        assert all(e["aug_magnitudes"]["hue_abs_rad"] < bound for e in m["epochs"])
     assert m["config"]["tile_size"] == 32 and m["config"]["flip"] == "hv" and len(m["epochs"]) == 2
     last = m["epochs"][-1]
     assert last["test_count"] == 2 * 12  # 2 test images x a 3x4 grid of 32 px tiles

@@ -38,11 +38,13 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
                 "learned_paper": 1e-3, "sel_lr4e-3_on_randaugment": 4e-3,
                 "sel_lr4e-3_sharpness": 4e-3, "sel_lr4e-3_reflection": 4e-3, "sel_lr4e-3_border": 4e-3,
                 "learned_zeros": 4e-3, "learned_random_zeros": 4e-3, "learned_tone": 4e-3,
-                "sel_lr4e-3_reflection_tone": 4e-3, "learned_hue1": 4e-3, "sel_lr4e-3_reflection_hue1": 4e-3}
+                "sel_lr4e-3_reflection_tone": 4e-3, "learned_hue1": 4e-3, "sel_lr4e-3_reflection_hue1": 4e-3,
+                "learned_huedata": 4e-3, "sel_lr4e-3_reflection_huedata": 4e-3}
     # ... and the zero padding every row before the fifth round ran with.
     padding = {"learned_default": "reflection", "learned_random": "reflection", "sel_lr4e-3_reflection": "reflection",
                "sel_lr4e-3_border": "border", "learned_tone": "reflection", "sel_lr4e-3_reflection_tone": "reflection",
-               "learned_hue1": "reflection", "sel_lr4e-3_reflection_hue1": "reflection"}
+               "learned_hue1": "reflection", "sel_lr4e-3_reflection_hue1": "reflection",
+               "learned_huedata": "reflection", "sel_lr4e-3_reflection_huedata": "reflection"}
     assert default.padding_mode == TrainConfig.padding_mode == "reflection"
     for method, cfg in rows.items():
         if cfg.augment == "learned":
@@ -57,6 +59,9 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
     # seventh round: hue at slope 1
     ("learned_hue1", "learned_default", "hue_slope", (1.0, math.pi)),
     ("sel_lr4e-3_reflection_hue1", "sel_lr4e-3_reflection", "hue_slope", (1.0, math.pi)),
+    # eighth round: hue bounded by the training images' hue spread
+    ("learned_huedata", "learned_default", "hue_bound", ("data", "pi")),
+    ("sel_lr4e-3_reflection_huedata", "sel_lr4e-3_reflection", "hue_bound", ("data", "pi")),
 ])
 def test_a_candidate_row_changes_one_setting_against_its_reference(
         row: str, ref: str, setting: str, values: tuple[object, object]) -> None:

@@ -136,6 +136,36 @@ def test_hue_slope_one_gives_hue_the_others_slope():
         Augmenter("affine,color", hue_slope=0.0)
 
 
+def test_hue_bound_caps_the_rotation_and_keeps_the_slope():
+    """``hue_bound`` = b: hue is b·tanh(v·s/b), inside ±b for any θ with the slope s at 0 unchanged, so small
+    rotations mean what they meant; b = π is bit for bit the default, and a saved policy keeps its bound
+    (one saved before the flag means π)."""
+    raw = torch.randn(256, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5
+    default = bound_params({"color": raw})["color"]
+    assert torch.equal(bound_params({"color": raw}, hue_bound=math.pi)["color"], default)
+    for slope in (math.pi, 1.0):
+        capped = bound_params({"color": raw}, hue_slope=slope, hue_bound=0.2)["color"]
+        assert torch.equal(capped[:, :3], default[:, :3])  # brightness, contrast, saturation untouched
+        torch.testing.assert_close(capped[:, 3], 0.2 * torch.tanh(raw[:, 3] * slope / 0.2), rtol=1e-15, atol=1e-15)
+        assert 0.19 < capped[:, 3].abs().max() <= 0.2  # bounded (tanh rounds to 1 far out), the bound reached
+        v = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+        c = torch.cat([torch.zeros(1, 3, dtype=torch.float64), v[:, None]], 1)
+        (g,) = torch.autograd.grad(bound_params({"color": c}, hue_slope=slope, hue_bound=0.2)["color"][0, 3], v)
+        assert g.item() == pytest.approx(slope, rel=1e-12)  # the derivative at 0 is still the slope
+    aug = Augmenter("affine,color", hue_bound=0.2)
+    torch.nn.init.normal_(aug.head.weight, std=3.0)
+    torch.nn.init.normal_(aug.head.bias, std=3.0)
+    x = torch.rand(64, 3, 8, 8)
+    assert magnitudes(aug.sample_params(512), 8)["hue_abs_rad"] < 0.2
+    assert Augmenter.from_spec(aug.spec()).hue_bound == 0.2
+    spec = {k: v for k, v in aug.spec().items() if k != "hue_bound"}
+    assert Augmenter.from_spec(spec).hue_bound == math.pi
+    assert aug(x).shape == x.shape
+    for bad in (0.0, 4.0):
+        with pytest.raises(ValueError, match="--hue-bound"):
+            Augmenter("affine,color", hue_bound=bad)
+
+
 def test_center_hidden_keeps_mean_at_bias():
     torch.manual_seed(0)
     aug = Augmenter("affine", "small", center_hidden=True)
