@@ -38,7 +38,7 @@ from dali_bilevel.viz import augmentation_grid, save_grid
 from models import Augmenter, create_backbone, magnitudes
 from models.augmenter import bound_fractions, load_policy, save_policy
 from models.predefined import predefined_policy
-from pipelines.colour_stats import hue_spread
+from pipelines.colour_stats import hue_bound, hue_spread
 from pipelines.torch_loader import pil_flavour
 
 
@@ -277,7 +277,7 @@ def training_function(cfg: TrainConfig, make_data: Callable[..., BilevelData] = 
         # --hue-bound data: the training images' own hue spread bounds the learned hue (pipelines/colour_stats.py)
         if cfg.augment in ("learned", "stn") and cfg.hue_bound == "data":
             spread = hue_spread(data.train.files)
-            cfg = dataclasses.replace(cfg, hue_bound=repr(min(math.pi, spread.spread)))
+            cfg = dataclasses.replace(cfg, hue_bound=repr(hue_bound(spread)))
             hue_note = {"spread_rad": spread.spread if math.isfinite(spread.spread) else None,  # JSON has no inf
                         "images": spread.images, "with_hue": spread.with_hue}
             acc.print(f"note: --hue-bound data: the mean hues of {spread.with_hue} of {spread.images} training "

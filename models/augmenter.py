@@ -382,7 +382,7 @@ class Augmenter(nn.Module):
         if not hue_slope > 0:
             raise ValueError(f"--hue-slope: must be positive, got {hue_slope:g}")
         self.hue_slope = float(hue_slope)
-        if not 0 < hue_bound <= math.pi:
+        if not 0 < hue_bound <= BOUNDS["hue"]:
             raise ValueError(f"--hue-bound: must be in (0, pi] radians, got {hue_bound:g}")
         self.hue_bound = float(hue_bound)
         self.prior: nn.Linear | None = None

@@ -52,7 +52,7 @@ def circular_spread(angles: Sequence[float]) -> float:
     if not len(angles):
         raise ValueError("circular_spread needs at least one angle")
     r = abs(np.exp(1j * np.asarray(angles, dtype=np.float64)).mean())
-    return math.sqrt(-2.0 * math.log(r)) if r > 1e-12 else math.inf
+    return math.sqrt(max(0.0, -2.0 * math.log(r))) if r > 1e-12 else math.inf  # equal angles: r may round above 1
 
 
 def hue_spread(files: Sequence[str], max_images: int = 512) -> HueSpread:
@@ -75,3 +75,11 @@ def hue_spread(files: Sequence[str], max_images: int = 512) -> HueSpread:
             hues.append(hue)
     spread = circular_spread(hues) if hues else math.inf
     return HueSpread(spread, len(idx), len(hues))
+
+
+def hue_bound(spread: HueSpread) -> float:
+    """The bound ``--hue-bound data`` uses: the spread, at most π (hues that cover the circle bound nothing)."""
+    if not spread.spread > 0:
+        raise DataError(f"--hue-bound data: the {spread.with_hue} training image(s) with any colour share one mean "
+                        "hue, so they give no bound; pass --hue-bound in radians instead")
+    return min(math.pi, spread.spread)

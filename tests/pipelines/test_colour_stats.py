@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.colour_stats import circular_spread, hue_spread, image_hue
+from pipelines.colour_stats import circular_spread, hue_bound, hue_spread, image_hue
 from pipelines.folder import DataError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -55,7 +55,8 @@ def test_circular_spread_matches_its_closed_form_and_the_linear_std():
     hues = np.random.default_rng(1).normal(0, 0.05, 4000)
     assert circular_spread(hues) == pytest.approx(hues.std(), rel=0.01)  # concentrated: the ordinary std
     assert circular_spread(hues + 3.1) == pytest.approx(circular_spread(hues), rel=1e-9)  # across ±π, unchanged
-    assert circular_spread([0.4, 0.4]) == pytest.approx(0.0, abs=1e-6)
+    for a in np.linspace(-3.1, 3.1, 63):  # equal hues: 0, never a domain error from R rounding above 1
+        assert 0.0 <= circular_spread([a] * 7) < 1e-6
     assert circular_spread([0.0, math.pi]) == math.inf  # opposite hues cancel out: no bound at all
     with pytest.raises(ValueError):
         circular_spread([])
@@ -80,6 +81,9 @@ def test_hue_spread_reads_the_files_and_names_a_bad_one(tmp_path):
         hue_spread([*files, str(broken)])
     with pytest.raises(DataError, match="no images"):
         hue_spread([])
+    assert hue_bound(got) == got.spread and hue_bound(hue_spread([grey])) == math.pi  # no hue: no bound
+    with pytest.raises(DataError, match=r"--hue-bound data: the 1 training image\(s\) .* share one mean hue"):
+        hue_bound(hue_spread(files[:1]))
 
 
 @pytest.mark.skipif(not (SHARED / "ucsb_breast_tiff").is_dir() or not (SHARED / "ucmerced_jpeg").is_dir(),
