@@ -122,6 +122,8 @@ METHODS: dict[str, list[str]] = {
     "learned_huedata": [*_LEARNED, "--hue-bound", "data"],
     # The default with θ's Adam at 6e-3 instead of 4e-3 (ninth round's candidate)
     "learned_lr6e-3": [*_LEARNED, "--aug-lr", "6e-3"],
+    # The default with half the train batch in the hypergradient instead of a quarter (ninth round's second)
+    "learned_hb05": [*_LEARNED, "--hyper-batch", "0.5"],
 }
 #: The candidates for the learned default, compared on the selection splits (explicit flags, so that
 #: they do not move when the defaults do): no hold-out, J = 8, a quarter hyper-batch, Adam 1e-3, then one
@@ -167,6 +169,9 @@ METHODS.update({
     # borders and a train loss of 1.0); reflection made the larger shifts benign, so the best step may have
     # moved up. Half as far again, at the same step cost.
     "sel_lr6e-3_reflection": [*_SEL_4E3, "--padding-mode", "reflection", "--aug-lr", "6e-3"],
+    # ... and a less noisy hypergradient instead (signal-to-noise 0.33 per update, docs/results.md): half the
+    # train batch in its second-order products instead of a quarter, at a larger step cost.
+    "sel_lr4e-3_reflection_hb05": [*_SEL_4E3, "--padding-mode", "reflection", "--hyper-batch", "0.5"],
 })
 
 
