@@ -18,6 +18,7 @@ from dali_bilevel.syncs import syncs_per_step
     ("none", {}), ("predefined", {"translate_px": 4}),
     ("learned", {"aug_period": 1}), ("learned", {"aug_period": 4}),
     ("learned", {"aug_period": 2, "hypergrad": "finite_difference", "hyper_batch": 0.5}),
+    ("learned", {"aug_period": 2, "lookahead_length": "fixed", "transforms": "affine,color,erase"}),
 ])
 def test_no_host_sync_between_logging_steps(shapes_dir, tmp_path, augment, extra):
     log_every = 4
@@ -29,3 +30,22 @@ def test_no_host_sync_between_logging_steps(shapes_dir, tmp_path, augment, extra
     logged = [n for _, i, n in counts if not (i + 1) % log_every]
     assert len(steady) >= 8 and steady == [0] * len(steady), counts
     assert logged and max(logged) <= 1, counts  # the loss read for the log line
+
+
+def test_the_counter_sees_host_reads_but_not_kornias_queued_checks():
+    """A value read (``.item()``, ``bool``) counts; kornia's `_check_async` (kornia >= 0.9.2: a contrast factor's
+    sign) is ``torch._assert_async`` on CUDA, no sync there, and is told apart, not counted."""
+    import kornia
+    import kornia.core.check as kcheck
+    import torch
+
+    from dali_bilevel.syncs import SyncCounter
+
+    counter = SyncCounter()
+    x = torch.rand(2, 3, 4, 4)
+    with counter:
+        torch.ones(()).item()
+        bool(x.sum() > 0)
+        kornia.enhance.adjust_contrast(x, torch.tensor([0.5, 1.5]))
+    assert counter.n == 2
+    assert counter.kornia_checks == (1 if hasattr(kcheck, "_check_async") else 0)
