@@ -84,7 +84,7 @@ class TrainConfig:
                       "--loader dali only), or frozen:PATH (a trained augmenter.pt applied as a fixed "
                       "augmentation, with no hypergradient)")
     transforms: str = _f("affine,color", "learned transform families: translation, affine, color, tone (color "
-                         "without hue), sharpness")
+                         "without hue), sharpness, erase (a Cutout-like box of learned opacity and size)")
     base_augment: str = _f("none", "learned and STN runs: a DALI policy applied to the train images before the "
                            "learned one (the validation stream stays clean)",
                            choices=("none", "randaugment", "trivialaugment"))
@@ -139,6 +139,10 @@ class TrainConfig:
     hypergrad_precision: str = _f("fp32", "the unrolled steps, validation pass and second-order products: fp32 (TF32 "
                                   "off; cosine > 0.99 to float64) or autocast (the --mixed-precision, faster, cosine "
                                   "0.6-0.9 in bf16)", choices=("fp32", "autocast"))
+    lookahead_length: str = _f("free", "the look-ahead step's length under theta: free (the paper: theta may lengthen "
+                               "the step, so a harder train batch is rewarded for its larger step alone) or fixed "
+                               "(held at the real step's: theta only turns it; dali_bilevel/hypergrad.py)",
+                               choices=("free", "fixed"))
     hypergrad_control: str = _f("none", "ablation: random replaces the hypergradient by a random direction of the "
                                 "same norm", choices=("none", "random"))
     preset: str = _f("none", "a named setting whose values become the defaults (explicit flags still win): "

@@ -1,10 +1,10 @@
 """Known-answer checks of the hypergradient's signal: does θ recover a transformation we chose?
 
 The validation images differ from the training images by one known transformation T* (a shift, a
-rotation, a zoom, a brightness offset, a contrast factor), applied by an implementation of our own
-(``F.affine_grid`` / arithmetic), not by the augmenter. The classifier ω trains online on A_θ(x_tr)
-with the real SGD step (``classifier_grads``); θ follows the one-step hypergradient of the
-*unaugmented* validation loss (``bilevel_step``, Eq. 3-8). When A_θ = T*, the augmented training
+rotation, a zoom, a brightness offset, a contrast factor, a Cutout-like box of known opacity), applied
+by an implementation of our own (``F.affine_grid`` / arithmetic), not by the augmenter. The classifier
+ω trains online on A_θ(x_tr) with the real SGD step (``classifier_grads``); θ follows the one-step
+hypergradient of the *unaugmented* validation loss (``bilevel_step``, Eq. 3-8). When A_θ = T*, the augmented training
 distribution is the validation one, so the validation gradient at the classifier's equilibrium
 vanishes: T* is the fixed point the signal must find. The control replaces the hypergradient by a
 random direction of the same norm at every update (`random_direction`); it must not find T*.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dali_bilevel.hypergrad import bilevel_step, random_direction
-from models.augmenter import Augmenter, color_factors, params_to_matrix
+from models.augmenter import ERASE_SIDE, Augmenter, color_factors, params_to_matrix
 
 #: Known-answer tasks → the augmenter family that can express them.
 TASKS: dict[str, str] = {
@@ -53,6 +53,7 @@ TASKS: dict[str, str] = {
     "zoom": "affine",
     "brightness": "color",
     "contrast": "color",
+    "erase": "erase",
 }
 
 
@@ -65,7 +66,9 @@ class KnownAnswer:
     * ``rotation`` a degrees: the sampling matrix's linear part is R(a) = [[cos a, −sin a], [sin a, cos a]];
     * ``zoom`` z: the sampling matrix is diag(1/z), content enlarged z times about the centre;
     * ``brightness`` b: x + b clamped to [0, 1] (kornia's ``adjust_brightness``);
-    * ``contrast`` c: x · c clamped to [0, 1] (kornia's ``adjust_contrast``).
+    * ``contrast`` c: x · c clamped to [0, 1] (kornia's ``adjust_contrast``);
+    * ``erase`` a: a box of side ``ERASE_SIDE`` of the image's at a uniform random centre, blended towards
+      the image's mean colour with opacity a (every validation image has one; a = 1 is Cutout).
     """
 
     task: str
@@ -90,6 +93,7 @@ DEFAULT_ANSWERS: dict[str, KnownAnswer] = {
     "zoom": KnownAnswer("zoom", (1.25,)),
     "brightness": KnownAnswer("brightness", (0.2,)),
     "contrast": KnownAnswer("contrast", (1.3,)),
+    "erase": KnownAnswer("erase", (0.6,)),
 }
 
 
@@ -110,8 +114,25 @@ def known_matrix(answer: KnownAnswer, size: int, device: torch.device | str = "c
     return torch.tensor([[*lin[0], col[0]], [*lin[1], col[1]]], device=device, dtype=dtype)
 
 
-def apply_known(x: Tensor, answer: KnownAnswer) -> Tensor:
-    """T*(x), independent of the augmenter's code (bilinear, zero padding: the augmenter's defaults)."""
+def known_box(centres: Tensor, n: int, half: float = ERASE_SIDE) -> Tensor:
+    """(B, n) per-pixel coverage of the intervals centres ± ``half`` (normalised units), written as the overlap
+    of each pixel's own interval with the box: a second implementation of `models.augmenter.box_coverage`."""
+    left = torch.arange(n, device=centres.device, dtype=centres.dtype) * 2 / n - 1  # each pixel's left edge
+    lo, hi = (centres - half)[:, None], (centres + half)[:, None]
+    return (torch.minimum(hi, left + 2 / n) - torch.maximum(lo, left)).clamp(min=0) * n / 2
+
+
+def apply_known(x: Tensor, answer: KnownAnswer, generator: torch.Generator | None = None,
+                centres: Tensor | None = None) -> Tensor:
+    """T*(x), independent of the augmenter's code (bilinear, zero padding: the augmenter's defaults). The erase
+    task's boxes are centred at ``centres`` (B, 2) in normalised (x, y), or drawn uniformly with ``generator``."""
+    if answer.task == "erase":
+        if centres is None:
+            centres = torch.rand(x.shape[0], 2, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        h, w = x.shape[-2:]
+        mask = known_box(centres[:, 1], h)[:, None, :, None] * known_box(centres[:, 0], w)[:, None, None, :]
+        fill = x.mean((-2, -1), keepdim=True)
+        return x * (1 - answer.value[0] * mask) + fill * answer.value[0] * mask
     mat = known_matrix(answer, x.shape[-1], x.device, x.dtype)
     if mat is not None:
         grid = F.affine_grid(mat.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
@@ -152,7 +173,7 @@ COLOR_DATA = DataSpec(amplitude=0.0, level_spread=0.6, level_jitter=0.04, noise=
 
 
 def default_data(answer: KnownAnswer) -> DataSpec:
-    return COLOR_DATA if answer.family == "color" else GEOMETRIC_DATA
+    return COLOR_DATA if answer.family == "color" else GEOMETRIC_DATA  # erase: where the patterns are hidden
 
 
 def _blur(x: Tensor, sigma: float) -> Tensor:
@@ -220,11 +241,12 @@ def make_classifier(spec: DataSpec, hidden: int = 32) -> nn.Module:
 
 #: `readout`'s ``value`` units per task.
 UNITS: dict[str, str] = {"shift": "px", "rotation": "deg", "zoom": "log zoom", "brightness": "offset",
-                         "contrast": "log factor"}
+                         "contrast": "log factor", "erase": "opacity"}
 
 
 def known_magnitude(answer: KnownAnswer) -> tuple[float, ...]:
-    """T* in `readout`'s units, 0 at the identity: (dx, dy) px, degrees, log zoom, offset, log contrast."""
+    """T* in `readout`'s units, 0 at the identity: (dx, dy) px, degrees, log zoom, offset, log contrast,
+    opacity."""
     if answer.task in ("zoom", "contrast"):
         return (math.log(answer.value[0]),)
     return answer.value
@@ -240,7 +262,7 @@ def readout(augmenter: Augmenter, answer: KnownAnswer, size: int, samples: int =
 
     * ``value``: the recovered magnitude (`UNITS`): shift |mean (dx, dy)| px; rotation: the angle of
       the mean linear part; zoom: log of 1/√det of the mean linear part; brightness: mean offset;
-      contrast: log of the mean factor;
+      contrast: log of the mean factor; erase: the mean opacity;
     * ``rel_error``: |recovered − known| / |known| in those units (shift: of the 2-D vector);
     * ``full_error``: the whole transform against T*, over T*'s distance from the identity: geometric,
       the mean 2x3 matrix (Frobenius); colour, (brightness, contrast, saturation − 1, hue / π);
@@ -271,6 +293,13 @@ def readout(augmenter: Augmenter, answer: KnownAnswer, size: int, samples: int =
         out["rel_error"] = ((got - known).norm() / known.norm()).item()
         out["full_error"] = ((m - mat).norm() / (mat - eye).norm()).item()
         out |= {f"m{i}{j}": m[i, j].item() for i in range(2) for j in range(3)}
+        return out
+    if answer.task == "erase":
+        e = params["erase"].double()
+        a, log_side = e[:, 0].mean().item(), (e[:, 1] / ERASE_SIDE).log().mean().item()
+        out |= {"value": a, "log_side": log_side, "spread": e[:, 0].std().item()}
+        out["rel_error"] = abs(a - known.item()) / abs(known.item())
+        out["full_error"] = math.hypot(a - known.item(), log_side) / abs(known.item())
         return out
     factors = {k: v.double() for k, v in color_factors(params["color"]).items()}
     c = {k: v.mean().item() for k, v in factors.items()}
@@ -314,6 +343,7 @@ class RunConfig:
     variety_lr_ratio: float = 0.1
     data: DataSpec | None = None  # None: `default_data` for the answer's family
     log_every: int = 0
+    step_length: str = "free"  # the look-ahead's length under θ (`dali_bilevel.hypergrad.fixed_length_adjoint`)
 
 
 @dataclass
@@ -359,9 +389,10 @@ def run_known_answer(cfg: RunConfig, device: torch.device | str = "cpu",
     for step in range(1, cfg.steps + 1):
         x_tr, y_tr = sample_batch(templates, data, cfg.batch, gen)
         x_val, y_val = sample_batch(templates, data, cfg.batch, gen)
-        x_val = apply_known(x_val, cfg.answer)
+        x_val = apply_known(x_val, cfg.answer, gen)
         noise = aug.sample_noise(cfg.batch, device=device, generator=gen)
-        out = bilevel_step(model, aug, opt, x_tr, y_tr, x_val, y_val, noise=noise, mode=cfg.mode)
+        out = bilevel_step(model, aug, opt, x_tr, y_tr, x_val, y_val, noise=noise, mode=cfg.mode,
+                           step_length=cfg.step_length)
         val_loss, train_loss = out.val_loss.item(), out.train_loss.item()
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
             raise FloatingPointError(f"step {step}: the classifier diverged (train loss {train_loss:g}, "

@@ -60,7 +60,8 @@ def summarise(task: str, mode: str, answer: KnownAnswer, finals: list[dict[str, 
 def known_str(answer: KnownAnswer) -> str:
     if answer.task == "shift":
         return f"({answer.value[0]:+g}, {answer.value[1]:+g}) px"
-    return {"rotation": "{:g}°", "zoom": "×{:g}", "brightness": "{:+g}", "contrast": "×{:g}"}[answer.task].format(
+    return {"rotation": "{:g}°", "zoom": "×{:g}", "brightness": "{:+g}", "contrast": "×{:g}",
+            "erase": "opacity {:g}"}[answer.task].format(
         answer.value[0])
 
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aug-optimizer", default="normalized", choices=("normalized", "adam"))
     p.add_argument("--aug-lr", type=float, default=0.003)
     p.add_argument("--variety-lr-ratio", type=float, default=0.1)
+    p.add_argument("--lookahead-length", default="free", choices=("free", "fixed"),
+                   help="the look-ahead step's length under theta (dali_bilevel/hypergrad.py)")
     p.add_argument("--values", default="", help="override known answers, e.g. 'rotation:20,shift:2/1'")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="docs/results/known_answer.json")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(a.seeds):
                 cfg = RunConfig(answer, mode="exact" if mode == "control" else mode, control=mode == "control",
                                 steps=a.steps, seed=seed, batch=a.batch, aug_optimizer=a.aug_optimizer,
-                                aug_lr=a.aug_lr, variety_lr_ratio=a.variety_lr_ratio)
+                                aug_lr=a.aug_lr, variety_lr_ratio=a.variety_lr_ratio, step_length=a.lookahead_length)
                 res = run_known_answer(cfg)
                 finals.append(res.final)
                 secs.append(res.seconds)

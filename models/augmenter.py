@@ -23,7 +23,11 @@ now stays inside the image):
   θ step moves hue π times as far as the other parameters; ``hue_slope=1`` gives it slope 1 too, and
   ``hue_bound`` a bound below π (the slope at 0 stays ``hue_slope``);
 * tone: the colour family without hue (brightness, contrast, saturation): the colour changes
-  RandAugment and TrivialAugment draw, which never rotate hue.
+  RandAugment and TrivialAugment draw, which never rotate hue;
+* erase: a Cutout-like box (`erase`), opacity in ±1 (0: the identity; 1: the box filled with the
+  image's mean colour, Cutout; below 0: the box's contrast raised about that mean instead) and side
+  within [1/4, 1] of the image's (half of it at 0, Cutout's 16 px of 32); its position is uniform
+  over the image, drawn by the noise (the replay key), not learned.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Number of raw outputs each transform family needs.
-FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4, "tone": 3, "sharpness": 1}
+FAMILY_SIZES: dict[str, int] = {"translation": 2, "affine": 6, "color": 4, "tone": 3, "sharpness": 1, "erase": 2}
 
 #: The paper's three augmenter sizes: (noise dimension, hidden widths). ``None`` means "n",
 #: the number of transformation parameters; "10n" is written as the string "10n".
@@ -75,7 +79,12 @@ BOUNDS: dict[str, float] = {
     "saturation": 0.9,  # factor − 1
     "hue": math.pi,  # radians
     "sharpness": 0.9,  # factor − 1: PIL's ImageEnhance.Sharpness in AutoAugment's 1 ± 0.9
+    "erase_opacity": 1.0,  # 1: the box is the image's mean colour (Cutout); −1: its contrast doubled
+    "erase_log_size": math.log(2),  # the box's side is ERASE_SIDE · e^(±ln 2): 1/4 to all of the image
 }
+
+#: The erase box's side at 0, as a fraction of the image's side: Cutout's 16 px on 32 px CIFAR images.
+ERASE_SIDE = 0.5
 
 
 def squash(v: Tensor, bound: float) -> Tensor:
@@ -121,6 +130,10 @@ def bound_params(raw: dict[str, Tensor], hue_slope: float = math.pi, hue_bound: 
         out["translation"] = squash(raw["translation"], BOUNDS["translation"])
     if "sharpness" in raw:
         out["sharpness"] = squash(raw["sharpness"], BOUNDS["sharpness"])
+    if "erase" in raw:  # (opacity, side as a fraction of the image's): the box's position is added by the caller
+        e = raw["erase"]
+        side = ERASE_SIDE * torch.exp(squash(e[:, 1], BOUNDS["erase_log_size"]))
+        out["erase"] = torch.stack([squash(e[:, 0], BOUNDS["erase_opacity"]), side], 1)
     for family in ("color", "tone"):
         if family in raw:
             c = raw[family]
@@ -203,7 +216,31 @@ def apply_transform(x: Tensor, params: dict[str, Tensor], padding_mode: str = "z
             x = kornia.enhance.adjust_hue(x, c["hue"])
     if "sharpness" in params:
         x = sharpen(x, 1 + params["sharpness"][:, 0].to(x.dtype))
+    if "erase" in params:
+        x = erase(x, params["erase"].to(x.dtype))
     return x
+
+
+def box_coverage(centre: Tensor, half: Tensor, n: int) -> Tensor:
+    """(B, n): the share of each of n pixels (along one axis, normalised coordinates, ``align_corners=False``)
+    that the interval centre ± half covers; exact for a box wider than a pixel, and differentiable in both
+    almost everywhere (a pixel under the box's edge is partly covered)."""
+    u = (2 * torch.arange(n, device=centre.device, dtype=centre.dtype) + 1) / n - 1  # pixel centres
+    return ((half[:, None] - (u - centre[:, None]).abs()) * (n / 2) + 0.5).clamp(0, 1)
+
+
+def erase(x: Tensor, p: Tensor) -> Tensor:
+    """Blend a box of each image towards its mean colour: x + a·M·(mean − x), differentiable in ``p``.
+
+    ``p`` is (B, 4): opacity a, side s (a fraction of the image's side), centre (cx, cy) in normalised
+    coordinates. M is the box's pixel coverage (`box_coverage`, anti-aliased, so the side gets a gradient),
+    the mean is the image's own per channel. a = 1 is Cutout with the mean as its fill; a = 0 is exactly the
+    identity; a < 0 raises the box's contrast about the mean instead (clamped to [0, 1])."""
+    h, w = x.shape[-2:]
+    a, s, cx, cy = p.unbind(1)
+    mask = box_coverage(cy, s, h)[:, :, None] * box_coverage(cx, s, w)[:, None, :]  # (B, H, W); half side = s
+    mean = x.mean((-2, -1), keepdim=True)
+    return (x + (a[:, None, None] * mask)[:, None] * (mean - x)).clamp(0, 1)
 
 
 def sharpen(x: Tensor, factor: Tensor) -> Tensor:
@@ -232,6 +269,9 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
         out["translation_px"] = (delta[:, :, 2].norm(dim=1) * image_size / 2).mean().item()
     if "sharpness" in params:
         out["sharpness_abs"] = params["sharpness"].detach().float().abs().mean().item()
+    if "erase" in params:
+        e = params["erase"].detach().float()
+        out["erase_opacity_abs"], out["erase_side"] = e[:, 0].abs().mean().item(), e[:, 1].mean().item()
     if (colour := color_params(params)) is not None:
         c = color_factors(colour.detach().float())
         out["brightness_abs"] = c["brightness"].abs().mean().item()
@@ -245,6 +285,7 @@ def magnitudes(params: dict[str, Tensor], image_size: int) -> dict[str, float]:
 SPREAD_NAMES: dict[str, tuple[str, ...]] = {
     "geometry": ("tx_px", "ty_px", "a11", "a12", "a21", "a22"),
     "sharpness": ("sharpness",),
+    "erase": ("erase_opacity", "erase_log_side"),
     "color": ("brightness", "log_contrast", "log_saturation", "hue_rad"),
 }
 
@@ -255,7 +296,8 @@ def spread(params: dict[str, Tensor], image_size: int) -> dict[str, dict[str, fl
     `magnitudes` says how far the transforms are from identity; this says *how*: a policy whose
     mean moved (every image shifted or recoloured alike, a train/test mismatch) or one that draws
     per-sample variety around the identity (what augmentation is for). Shifts in pixels of an
-    ``image_size`` image, the 2x2 part as its residual on the identity, colour in `magnitudes`' units.
+    ``image_size`` image, the 2x2 part as its residual on the identity, colour in `magnitudes`' units, the
+    erase box as its opacity and the log of its side over `ERASE_SIDE` (0 at the identity's side).
     """
     cols: dict[str, Tensor] = {}
     mat = params_to_matrix(params)
@@ -267,11 +309,20 @@ def spread(params: dict[str, Tensor], image_size: int) -> dict[str, dict[str, fl
                 cols[f"a{i + 1}{j + 1}"] = delta[:, i, j]
     if "sharpness" in params:
         cols["sharpness"] = params["sharpness"].detach().double()[:, 0]
+    if "erase" in params:
+        e = params["erase"].detach().double()
+        cols["erase_opacity"], cols["erase_log_side"] = e[:, 0], (e[:, 1] / ERASE_SIDE).log()
     if (colour := color_params(params)) is not None:
         c = color_factors(colour.detach().double())
         cols["brightness"], cols["hue_rad"] = c["brightness"], c["hue"]
         cols["log_contrast"], cols["log_saturation"] = c["contrast"].log(), c["saturation"].log()
     return {k: {"mean": v.mean().item(), "sd": v.std().item() if v.numel() > 1 else 0.0} for k, v in cols.items()}
+
+
+def erase_centres(noise: Tensor) -> Tensor:
+    """(B, 2) box centres uniform over the image, (−1, 1)² in normalised coordinates: erf(z/√2) of the noise's
+    last two entries (the prior start reads the first two, so a prior shift and the box stay independent)."""
+    return torch.erf(noise[:, -2:] / math.sqrt(2))
 
 
 def prior_layer(families: Sequence[str], noise_dim: int, n: int, translate: float) -> nn.Linear:
@@ -325,6 +376,9 @@ def bound_fractions(raw: dict[str, Tensor], near: float = 0.95) -> dict[str, flo
             out[family] = (r.abs() > limit * BOUNDS["translation"]).any(1).float().mean().item()
         elif family == "sharpness":
             out[family] = (r.abs() > limit * BOUNDS["sharpness"]).float().mean().item()
+        elif family == "erase":  # an opacity near ±1 or a box near 1/4 or all of the image
+            at = (r[:, 0].abs() > limit * BOUNDS["erase_opacity"]) | (r[:, 1].abs() > limit * BOUNDS["erase_log_size"])
+            out[family] = at.float().mean().item()
         else:
             kinds = ("brightness", "contrast", "saturation")
             at = torch.stack([r[:, i].abs() > limit * BOUNDS[k] for i, k in enumerate(kinds)], 1)
@@ -407,8 +461,13 @@ class Augmenter(nn.Module):
         return split_params(raw, self.families)
 
     def sample_params(self, batch_size: int, noise: Tensor | None = None) -> dict[str, Tensor]:
-        """Bounded transformation parameters for ``batch_size`` samples (`bound_params`)."""
-        return bound_params(self.raw_params(batch_size, noise), self.hue_slope, self.hue_bound)
+        """Bounded transformation parameters for ``batch_size`` samples (`bound_params`); the erase box's
+        centre comes from the noise (`erase_centres`), so the same noise replays the same boxes."""
+        z = self.sample_noise(batch_size) if noise is None else noise
+        params = bound_params(self.raw_params(batch_size, z), self.hue_slope, self.hue_bound)
+        if "erase" in params:
+            params["erase"] = torch.cat([params["erase"], erase_centres(z).to(params["erase"].dtype)], 1)
+        return params
 
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """A_θ(x) in float32 even inside an autocast region: in bf16 the matrix's residuals below about

@@ -57,12 +57,18 @@ def test_known_answer_random_control_does_not(family):
     assert control["full_error"] > 2 * real["full_error"], (control, real)  # and clearly worse than the real one
 
 
-@pytest.mark.parametrize("task", ["shift", "rotation", "zoom", "brightness"])
+@pytest.mark.parametrize("task", ["shift", "rotation", "zoom", "brightness", "erase"])
 def test_known_answer_is_expressible_by_the_augmenter(task):
     """At A_θ = T* the augmented training images are exactly the validation images: T* is reachable."""
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     answer = DEFAULT_ANSWERS[task]
     mat = known_matrix(answer, 16)
+    if task == "erase":  # the same boxes (centres anywhere, off the pixel grid too), T*'s opacity, side 1/2
+        centres = torch.rand(4, 2, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1
+        params = {"erase": torch.cat([torch.tensor([[answer.value[0], 0.5]]).expand(4, 2), centres], 1)}
+        torch.testing.assert_close(apply_transform(x, params), apply_known(x, answer, centres=centres),
+                                   rtol=0, atol=1e-6)
+        return
     if mat is None:
         params = {"color": torch.tensor([[answer.value[0], 0.0, 0.0, 0.0]]).expand(4, 4)}
     else:

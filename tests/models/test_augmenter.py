@@ -29,11 +29,13 @@ def test_parse_transforms_orders_and_rejects():
 
 
 @pytest.mark.parametrize("spec", ["translation", "affine", "color", "tone", "affine,color", "affine,tone",
-                                  "translation,affine,color"])
+                                  "translation,affine,color", "erase", "affine,color,erase"])
 @pytest.mark.parametrize("size", list(MLP_SIZES))
 def test_starts_at_identity(spec, size):
     aug = Augmenter(spec, size)
     params = aug.sample_params(5)
+    if "erase" in params:  # opacity 0: no box at all, whatever its side (half the image's) and centre
+        assert (params["erase"][:, 0] == 0).all() and (params.pop("erase")[:, 1] == 0.5).all()
     assert all((p == 0).all() for p in params.values())  # exactly the identity parameters
     mat = params_to_matrix(params)
     if mat is not None:
@@ -387,3 +389,70 @@ def test_reflection_padding_mirrors_the_image_and_differentiates():
         return apply_transform(mid, {"affine": a, "color": c}, padding_mode="reflection", warp_mode="bicubic")
 
     assert torch.autograd.gradcheck(f, (aff.requires_grad_(), col.requires_grad_()), atol=1e-6)
+
+
+def _cutout_numpy(x: np.ndarray, opacity: float, rows: slice, cols: slice) -> np.ndarray:
+    """A second implementation: numpy slicing of a pixel-aligned box, blended towards the image's mean colour
+    (opacity 1: Cutout with the mean as its fill; below 0: the box's contrast raised about the mean, clipped)."""
+    out = x.copy()
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    box = out[..., rows, cols]
+    out[..., rows, cols] = np.clip(box + opacity * (mean - box), 0, 1)
+    return out
+
+
+@pytest.mark.parametrize("opacity", [1.0, 0.5, 0.0, -0.7])
+def test_erase_is_cutout_with_the_mean_colour_at_opacity_one(opacity):
+    from models.augmenter import erase
+
+    x = torch.rand(2, 3, 16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # side 1/4 of each axis: 4 rows and 3 columns; centre (x, y) = (-5/12, 1/4), i.e. pixel (3.5, 10), puts
+    # the box's edges on pixel edges: rows 8-11, columns 2-4
+    p = torch.tensor([[opacity, 0.25, -5 / 12, 0.25]] * 2, dtype=torch.float64)
+    want = _cutout_numpy(x.numpy(), opacity, slice(8, 12), slice(2, 5))
+    np.testing.assert_allclose(erase(x, p).numpy(), want, atol=1e-12, rtol=0)
+    if opacity == 0:
+        assert torch.equal(erase(x, p), x)  # exactly the identity
+
+
+def test_erase_box_coverage_is_each_pixels_overlap_and_differentiates():
+    """Off the pixel grid, each pixel is covered by its share of the box (a pixel-overlap sum in numpy), and
+    the opacity, the side and the centre all get gradients (float64 finite differences)."""
+    from models.augmenter import box_coverage, erase
+
+    gen = torch.Generator().manual_seed(1)
+    centre = torch.rand(64, dtype=torch.float64, generator=gen) * 2.4 - 1.2  # boxes may leave the frame
+    half = torch.rand(64, dtype=torch.float64, generator=gen) * 0.7 + 0.2
+    n = 10
+    edges = np.linspace(-1, 1, n + 1)
+    lo, hi = (centre - half).numpy()[:, None], (centre + half).numpy()[:, None]
+    overlap = np.clip(np.minimum(hi, edges[1:]) - np.maximum(lo, edges[:-1]), 0, None) / (2 / n)
+    np.testing.assert_allclose(box_coverage(centre, half, n).numpy(), overlap, atol=1e-12, rtol=0)
+
+    x = 0.2 + 0.6 * torch.rand(2, 3, 10, 10, dtype=torch.float64, generator=gen)  # no clipping at 0 or 1
+    # edges (centre ± side) off the pixel edges (multiples of 0.2 here), where the coverage has its kinks
+    p = torch.tensor([[0.6, 0.37, 0.13, -0.29], [-0.4, 0.41, -0.31, 0.07]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q: erase(x, q), (p.requires_grad_(),), atol=1e-7)
+
+
+def test_erase_family_is_bounded_replayed_by_its_noise_and_reaches_theta():
+    torch.manual_seed(0)
+    raw = {"erase": torch.randn(4096, 2) * 50}
+    e = bound_params(raw)["erase"]
+    assert (e[:, 0].abs() <= 1).all() and e[:, 0].min() < -0.99 and e[:, 0].max() > 0.99
+    assert (e[:, 1] >= 0.25 - 1e-6).all() and (e[:, 1] <= 1 + 1e-6).all() and e[:, 1].min() < 0.26
+    aug = Augmenter("affine,erase")
+    torch.nn.init.normal_(aug.head.weight, std=0.5)
+    z = aug.sample_noise(256)
+    p, again = aug.sample_params(256, z), aug.sample_params(256, z)
+    assert torch.equal(p["erase"], again["erase"])  # the noise is the replay key, positions included
+    centres = p["erase"][:, 2:]
+    assert centres.abs().max() < 1 and centres.std(0).min() > 0.5  # uniform on (-1, 1): sd 0.577
+    assert abs(torch.corrcoef(torch.stack([centres[:, 0], p["affine"][:, 2]]))[0, 1]) < 0.2  # not the shift's draw
+    x = torch.rand(8, 3, 16, 16)
+    aug(x).square().mean().backward()
+    assert aug.head.weight.grad[-2:].abs().sum(1).min() > 0  # opacity and side rows both learn
+    m = magnitudes(aug.sample_params(256), 16)
+    assert 0 < m["erase_opacity_abs"] < 1 and 0.25 <= m["erase_side"] <= 1
+    s = spread(aug.sample_params(256), 16)
+    assert s["erase_opacity"]["sd"] > 0 and "erase_log_side" in s
