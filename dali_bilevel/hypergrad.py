@@ -43,6 +43,12 @@ switches autocast off). So no pass here needs fp16's loss scale (`dali_bilevel.p
 fp16 is refused for them). ``precision="autocast"`` runs them in the run's bf16 (float32's range, a
 coarser direction: docs/hypergradient.md).
 
+Step length (``step_length``): Eq. 7 rewards θ for any g with a larger inner product with λ, and a
+longer g in the same direction is one, so augmentation that only makes the train batch harder (a larger
+loss, a larger step) lowers the one-step validation loss. ``"fixed"`` holds each look-ahead step's
+length at the real step's own and lets θ turn it only: λ loses its component along g before the
+products (`fixed_length_adjoint`). The look-ahead itself is still exactly the real step.
+
 Hyper-batch (``hyper_batch = b < B``): the real step keeps its full-batch gradient, taken in a plain
 pass under ``autocast``; the products of Eq. 7 use the first b samples of the train batch, an
 unbiased estimate of the full batch's whose cost scales with b/B (docs/benchmarks/step_cpu.md).
@@ -105,6 +111,7 @@ class StepRecord:
     coefs: list[SGDCoef]
     kinks: KinkTape | None = None  # finite difference: the branches the forward at ω_k took
     rng: tuple[Tensor, Tensor | None] | None = None  # RNG state before that forward (dropout's masks again)
+    step_grad: list[Tensor] | None = None  # the real step's averaged g_k (``step_length="fixed"`` only)
 
 
 @dataclass
@@ -462,6 +469,37 @@ def validation_adjoint(model: nn.Module, final_weights: Sequence[Tensor], x_val:
     return val_loss.detach(), reduce_mean(_zeros_for_none(v, w_final))
 
 
+STEP_LENGTHS = ("free", "fixed")
+
+
+def _check_step_length(step_length: str) -> None:
+    if step_length not in STEP_LENGTHS:
+        raise ValueError(f"--lookahead-length: unknown {step_length!r}; choose {', '.join(STEP_LENGTHS)}")
+
+
+def _step_grad(rec: StepRecord) -> list[Tensor]:
+    if rec.step_grad is None:
+        raise ValueError("step_length='fixed' needs each record's step_grad (the real step's g)")
+    return rec.step_grad
+
+
+def fixed_length_adjoint(lam: list[Tensor], g: Sequence[Tensor]) -> list[Tensor]:
+    r"""The adjoint of g when θ may turn the classifier's step but not lengthen it: λ − (λ·ĝ) ĝ.
+
+    Eq. 7 contracts ∂g/∂θ with λ, so θ is rewarded for every g whose inner product with λ is larger,
+    and a *longer* g in the same direction is one: augmentation that only makes the train batch harder
+    (a larger loss, a larger gradient, a larger step) lowers the one-step validation loss without making
+    the step's direction any better. With the look-ahead ω' = ω − η·‖g₀‖·g/‖g‖ (the length held at the
+    real step's own ‖g₀‖), ∇_θ L_val = (∂g/∂θ)ᵀ (λ − (λ·ĝ) ĝ) at g = g₀: the same product, with λ's
+    component along g removed. One global dot product, on the device; ``g`` is the real step's
+    (process-averaged) gradient, the direction every rank shares.
+    """
+    dot = sum((li.double() * gi.double()).sum() for li, gi in zip(lam, g, strict=True))
+    gg = sum((gi.double() ** 2).sum() for gi in g).clamp_min(1e-300)
+    coef = dot / gg
+    return [li - coef.to(li.dtype) * gi for li, gi in zip(lam, g, strict=True)]
+
+
 def hypergradient(
     model: nn.Module,
     augmenter: nn.Module,
@@ -476,12 +514,16 @@ def hypergradient(
     precision: str = "fp32",
     loss_fn: LossFn = F.cross_entropy,
     fd_eps: float = 0.01,
+    step_length: str = "free",
 ) -> tuple[Tensor, list[Tensor]]:
     """Eq. 6-7: the validation loss at ω_K and its process-averaged gradient with respect to θ.
 
     ``trace`` holds the K recorded steps ω_0 → ω_K in order; ``final_weights`` is ω_K (the
     look-ahead, or the real parameters after the K real steps). Pure: writes no ``.grad``.
+    ``step_length="fixed"``: θ turns each step but does not lengthen it (`fixed_length_adjoint`; each
+    record then carries its step's g as ``step_grad``).
     """
+    _check_step_length(step_length)
     passes = bilevel_autocast(autocast, precision, x_val.device)
     val_loss, lam_w = validation_adjoint(model, final_weights, x_val, y_val, passes=passes, loss_fn=loss_fn,
                                          reduce_mean=reduce_mean)
@@ -490,7 +532,9 @@ def hypergradient(
     for k in range(len(trace) - 1, -1, -1):
         rec = trace[k]
         lam_d, lam_b_prev = sgd_adjoint(lam_w, lam_b, rec.coefs, last=k == 0)
-        th, hvp = _products(model, augmenter, rec, lam_d, want_hvp=k > 0, mode=mode, passes=passes,
+        # g's adjoint; the weight decay's, below, keeps λ_d itself (only g's length is held)
+        lam_g = lam_d if step_length == "free" else fixed_length_adjoint(lam_d, _step_grad(rec))
+        th, hvp = _products(model, augmenter, rec, lam_g, want_hvp=k > 0, mode=mode, passes=passes,
                             loss_fn=loss_fn, fd_eps=fd_eps)
         theta_grad = th if theta_grad is None else [a + b for a, b in zip(theta_grad, th, strict=True)]
         if k > 0:
@@ -519,6 +563,7 @@ def bilevel_step(
     hyper_batch: int = 0,
     keep_lookahead: bool = True,
     products: str = "auto",
+    step_length: str = "free",
 ) -> BilevelGrads:
     """The paper's K = 1 step, pure: g (Eq. 4), ω' from the real optimizer state (Eq. 5), L_val at ω'
     and its adjoint (Eq. 6), then Eq. 7 with the live parameters as ω (nothing has stepped yet).
@@ -527,7 +572,9 @@ def bilevel_step(
     caller's real step with ``classifier_grads`` lands exactly on ``lookahead`` (None unless kept).
     The order keeps at most two parameter-sized tensors beside the model and g (ω' until its adjoint
     is taken, then λ, and g_k too with ``products="double"``); a hyper-batch's record comes after ω'.
+    ``step_length="fixed"``: θ may turn the step, not lengthen it (`fixed_length_adjoint`).
     """
+    _check_step_length(step_length)
     noise = augmenter.sample_noise(x_tr.shape[0]) if noise is None else noise
     passes = bilevel_autocast(autocast, precision, x_tr.device)
     _, params = trainable(model)
@@ -546,6 +593,8 @@ def bilevel_step(
     if not keep_lookahead:
         lookahead = None
     lam_d, _ = sgd_adjoint(lam_w, [None] * len(lam_w), coefs, last=True)
+    if step_length == "fixed":
+        lam_d = fixed_length_adjoint(lam_d, g_bar)
     if hyper:
         b = hyper_batch
         rec, _, _ = record_step(model, augmenter, optimizer, x_tr[:b], y_tr[:b], noise[:b], real=False, **kw)

@@ -253,10 +253,10 @@ class BilevelStep(AugmenterStep):
 
     def __init__(self, *args: Any, augmenter: nn.Module, aug_opt: torch.optim.Optimizer, reduce_mean: ReduceMean,
                  K: int, J: int, mode: str, hyper_batch: int = 0, control: str = "none", products: str = "auto",
-                 on_switch: Callable[[str], None] = print) -> None:
+                 step_length: str = "free", on_switch: Callable[[str], None] = print) -> None:
         super().__init__(*args, augmenter=augmenter, aug_opt=aug_opt, reduce_mean=reduce_mean)
         self.K, self.J, self.mode, self.hyper_batch, self.control = K, J, mode, hyper_batch, control
-        self.products = products
+        self.products, self.step_length = products, step_length
         self.on_switch = on_switch
         self.trace: list[StepRecord] = []
         self._pending: tuple[Tensor, list[Tensor]] | None = None
@@ -283,6 +283,8 @@ class BilevelStep(AugmenterStep):
                 self.unwrapped, self.augmenter, self.opt, x, y, mode=self.mode, reduce_mean=self.reduce_mean,
                 autocast=self.precision.plain, precision=self.precision.hypergrad, hyper_batch=self.hyper_batch,
                 products=self.products)
+            if self.step_length == "fixed":
+                rec.step_grad = g  # the direction θ may turn but not lengthen (held until θ's step)
             self.trace.append(rec)
             found = self.scale.clean  # float32 (or bf16) passes: nothing to unscale; θ's check covers g
             for p, gi in zip(self.params, g, strict=True):
@@ -308,7 +310,8 @@ class BilevelStep(AugmenterStep):
         """K = 1: `bilevel_step` before ω moves, then θ's update; returns the loss and ω's skip flag."""
         x, (xv, yv) = super().augment(x), self._val_batch()
         kw = dict(reduce_mean=self.reduce_mean, autocast=self.precision.plain, precision=self.precision.hypergrad,
-                  hyper_batch=self.hyper_batch, keep_lookahead=False, products=self.products)
+                  hyper_batch=self.hyper_batch, keep_lookahead=False, products=self.products,
+                  step_length=self.step_length)
         try:
             out = bilevel_step(self.unwrapped, self.augmenter, self.opt, x, y, xv, yv, mode=self.mode, **kw)
         except NoDoubleBackward as e:
@@ -327,7 +330,7 @@ class BilevelStep(AugmenterStep):
         try:
             return hypergradient(self.unwrapped, self.augmenter, self.trace, self.params, xv, yv, mode=self.mode,
                                  reduce_mean=self.reduce_mean, autocast=self.precision.plain,
-                                 precision=self.precision.hypergrad)
+                                 precision=self.precision.hypergrad, step_length=self.step_length)
         except NoDoubleBackward as e:  # this window's records lack what finite difference needs: skip it
             self._switch(e)
             return None, None

@@ -156,7 +156,8 @@ def build_step(cfg: TrainConfig, acc: Accelerator, num_classes: int, steps: int)
         if checked_products(unwrapped, augmenter, cfg.image_size, num_classes, fmt, acc.print) == "double":
             products = "double"
     return BilevelStep(*args, **kw, K=cfg.unroll, J=cfg.aug_period, mode=cfg.hypergrad, hyper_batch=hyper_batch,
-                       control=cfg.hypergrad_control, products=products, on_switch=acc.print)
+                       control=cfg.hypergrad_control, products=products, step_length=cfg.lookahead_length,
+                       on_switch=acc.print)
 
 
 @torch.no_grad()

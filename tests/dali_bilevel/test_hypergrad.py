@@ -289,3 +289,108 @@ def test_the_check_is_not_tripped_by_rounding_at_a_relu_kink(seed):
     assert not said and not model.training
     after = {**model.state_dict(), **aug.state_dict()}
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in after.items())
+
+
+def _rescale_grads(params, norm: float) -> float:
+    """Scale the .grad of ``params`` jointly to global norm ``norm`` (None: leave them); returns their norm."""
+    grads = [p.grad for p in params]
+    now = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    if norm is not None:
+        for g in grads:
+            g.mul_(norm / now)
+    return now
+
+
+@pytest.mark.parametrize(("mode", "products", "hyper_batch"), [
+    ("exact", "forward", 0), ("exact", "double", 0), ("exact", "forward", 3), ("finite_difference", "auto", 0)])
+def test_fixed_length_lookahead_matches_central_difference(mode, products, hyper_batch):
+    """``step_length="fixed"``: the look-ahead is torch's real step with g rescaled to the unperturbed
+    ‖g₀‖ (a second implementation: copy, backward, rescale .grad, ``opt.step()``); its θ-gradient differs
+    from the free step's, and it removes exactly g's own direction from λ."""
+    from dali_bilevel.hypergrad import fixed_length_adjoint
+
+    model, aug, opt, data = setup()
+    args = (model, aug, opt, data["x_tr"], data["y_tr"], data["x_val"], data["y_val"])
+    kw = dict(noise=data["noise"], mode=mode, products=products, hyper_batch=hyper_batch)
+    out = bilevel_step(*args, step_length="fixed", **kw)
+    free = bilevel_step(*args, **kw)
+
+    def f(shift, norm):
+        st = copy.deepcopy({"m": model, "a": aug, "o": opt})
+        m, a, o = st["m"], st["a"], st["o"]
+        with torch.no_grad():
+            for p, s in zip(a.parameters(), shift, strict=True):
+                p.add_(s)
+        F.cross_entropy(m(a(data["x_tr"], data["noise"])), data["y_tr"]).backward()
+        g_norm = _rescale_grads(list(m.parameters()), norm)
+        o.step()
+        with torch.no_grad():
+            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item(), g_norm
+
+    zero = [torch.zeros_like(p) for p in aug.parameters()]
+    _, g0 = f(zero, None)
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-7
+    # with a hyper-batch the products estimate the full batch's from half of it: no exact reference
+    for _ in range(0 if hyper_batch else 2):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
+        fd = (f([eps * v for v in d], g0)[0] - f([-eps * v for v in d], g0)[0]) / (2 * eps)
+        analytic = sum((h * v).sum() for h, v in zip(out.augmenter_grads, d, strict=True)).item()
+        assert analytic == pytest.approx(fd, rel=1e-4 if mode == "exact" else 2e-2), (analytic, fd)
+    a, b = torch.cat([t.flatten() for t in out.augmenter_grads]), torch.cat([t.flatten() for t in free.augmenter_grads])
+    assert not torch.allclose(a, b, rtol=1e-3)  # a different gradient ...
+    assert F.cosine_similarity(a, b, dim=0) > 0  # ... of the same objective's family
+    lam = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
+    perp = fixed_length_adjoint(lam, out.classifier_grads)
+    assert abs(sum((p * g).sum() for p, g in zip(perp, out.classifier_grads, strict=True)).item()) < 1e-12
+    # a projection: applied twice, the same (to rounding)
+    again = fixed_length_adjoint(perp, out.classifier_grads)
+    assert max((x - y).abs().max().item() for x, y in zip(again, perp, strict=True)) < 1e-12
+
+
+def test_fixed_length_k_step_unroll_matches_central_difference():
+    """K = 2 with ``step_length="fixed"``: each unrolled step's g is held at its own unperturbed length."""
+    from dali_bilevel.hypergrad import hypergradient, train_gradient
+
+    model, aug, opt, data = setup()
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(6, 3, 12, 12, dtype=torch.float64, generator=gen), torch.randint(0, 5, (6,), generator=gen))
+               for _ in range(2)]
+    noises = [aug.sample_noise(6) for _ in range(2)]
+    reference = copy.deepcopy({"m": model, "a": aug, "o": opt})
+    trace = []
+    for (x, y), z in zip(batches, noises, strict=True):
+        rec, _, g = train_gradient(model, aug, opt, x, y, noise=z, mode="exact")
+        rec.step_grad = g
+        trace.append(rec)
+        for p, gi in zip(model.parameters(), g, strict=True):
+            p.grad = gi
+        opt.step()
+        opt.zero_grad()
+    _, h = hypergradient(model, aug, trace, list(model.parameters()), data["x_val"], data["y_val"],
+                         step_length="fixed")
+    trace[-1].step_grad = None
+    with pytest.raises(ValueError, match="step_grad"):  # refused before any product is formed
+        hypergradient(model, aug, trace, list(model.parameters()), data["x_val"], data["y_val"], step_length="fixed")
+
+    def f(shift, norms):
+        st = copy.deepcopy(reference)
+        m, a, o = st["m"], st["a"], st["o"]
+        with torch.no_grad():
+            for p, s in zip(a.parameters(), shift, strict=True):
+                p.add_(s)
+        seen = []
+        for ((x, y), z), n in zip(zip(batches, noises, strict=True), norms, strict=True):
+            F.cross_entropy(m(a(x, z)), y).backward()
+            seen.append(_rescale_grads(list(m.parameters()), n))
+            o.step()
+            o.zero_grad()
+        with torch.no_grad():
+            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item(), seen
+
+    _, norms = f([torch.zeros_like(p) for p in aug.parameters()], [None, None])
+    d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
+    eps = 1e-6
+    fd = (f([eps * v for v in d], norms)[0] - f([-eps * v for v in d], norms)[0]) / (2 * eps)
+    analytic = sum((hi * v).sum() for hi, v in zip(h, d, strict=True)).item()
+    assert analytic == pytest.approx(fd, rel=1e-4), (analytic, fd)

@@ -75,6 +75,26 @@ def test_nonfinite_hypergradient_never_reaches_theta(shapes_dir, tmp_path, monke
     assert saved["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # which kernels ran
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_fixed_lookahead_length_reaches_the_hypergradient_with_each_steps_gradient(shapes_dir, tmp_path, monkeypatch,
+                                                                                    unroll):
+    """``--lookahead-length fixed`` reaches the K = 1 step and the K-step unroll, whose records then carry
+    the real step's own g (the gradient the classifier stepped with)."""
+    seen = []
+    name = "bilevel_step" if unroll == 1 else "hypergradient"
+    real = getattr(steps_mod, name)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["step_length"])
+        if unroll > 1:
+            assert all(rec.step_grad is not None for rec in args[2]) and len(args[2]) == unroll
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps_mod, name, spy)
+    m = training_function(config(shapes_dir, tmp_path, aug_period=2, unroll=unroll, lookahead_length="fixed"))
+    assert seen == ["fixed"] * 2 and m["epochs"][0]["aug_updates"] == 2
+
+
 def test_setup_errors(shapes_dir, tmp_path):
     with pytest.raises(SetupError, match="K <= J"):
         training_function(config(shapes_dir, tmp_path, aug_period=1, unroll=2))
