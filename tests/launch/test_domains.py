@@ -41,14 +41,17 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
                 "sel_lr4e-3_reflection_tone": 4e-3, "learned_hue1": 4e-3, "sel_lr4e-3_reflection_hue1": 4e-3,
                 "learned_huedata": 4e-3, "sel_lr4e-3_reflection_huedata": 4e-3,
                 "learned_lr6e-3": 6e-3, "sel_lr6e-3_reflection": 6e-3, "learned_hb05": 4e-3,
-                "sel_lr4e-3_reflection_hb05": 4e-3}
+                "sel_lr4e-3_reflection_hb05": 4e-3, "learned_erase": 4e-3, "sel_lr4e-3_reflection_erase": 4e-3,
+                "learned_fixed": 4e-3, "sel_lr4e-3_reflection_fixed": 4e-3}
     # ... and the zero padding every row before the fifth round ran with.
     padding = {"learned_default": "reflection", "learned_random": "reflection", "sel_lr4e-3_reflection": "reflection",
                "sel_lr4e-3_border": "border", "learned_tone": "reflection", "sel_lr4e-3_reflection_tone": "reflection",
                "learned_hue1": "reflection", "sel_lr4e-3_reflection_hue1": "reflection",
                "learned_huedata": "reflection", "sel_lr4e-3_reflection_huedata": "reflection",
                "learned_lr6e-3": "reflection", "sel_lr6e-3_reflection": "reflection",
-               "learned_hb05": "reflection", "sel_lr4e-3_reflection_hb05": "reflection"}
+               "learned_hb05": "reflection", "sel_lr4e-3_reflection_hb05": "reflection",
+               "learned_erase": "reflection", "sel_lr4e-3_reflection_erase": "reflection",
+               "learned_fixed": "reflection", "sel_lr4e-3_reflection_fixed": "reflection"}
     assert default.padding_mode == TrainConfig.padding_mode == "reflection"
     for method, cfg in rows.items():
         if cfg.augment == "learned":
@@ -72,6 +75,12 @@ def test_every_row_parses_and_learned_rows_pin_their_augmenter_lr(domain_name: s
     # ... or half the batch in the hypergradient
     ("learned_hb05", "learned_default", "hyper_batch", (0.5, 0.25)),
     ("sel_lr4e-3_reflection_hb05", "sel_lr4e-3_reflection", "hyper_batch", (0.5, 0.25)),
+    # tenth round: the Cutout-like erase family on top
+    ("learned_erase", "learned_default", "transforms", ("affine,color,erase", "affine,color")),
+    ("sel_lr4e-3_reflection_erase", "sel_lr4e-3_reflection", "transforms", ("affine,color,erase", "affine,color")),
+    # ... or the look-ahead's length held at the real step's
+    ("learned_fixed", "learned_default", "lookahead_length", ("fixed", "free")),
+    ("sel_lr4e-3_reflection_fixed", "sel_lr4e-3_reflection", "lookahead_length", ("fixed", "free")),
 ])
 def test_a_candidate_row_changes_one_setting_against_its_reference(
         row: str, ref: str, setting: str, values: tuple[object, object]) -> None:
