@@ -36,8 +36,21 @@ def setup(dtype=torch.float64, bn=False, transforms="affine,color", nesterov=Tru
     return model, aug, opt, data
 
 
-def val_loss_after_real_step(model, aug, opt, data, theta_shift=None) -> float:
-    """Second implementation of L_val(ω'(θ)): copy everything, take torch's own SGD step."""
+def _norm(tensors) -> float:
+    return torch.sqrt(sum((t ** 2).sum() for t in tensors)).item()
+
+
+def _rescale_grads(params, norm: float | None) -> None:
+    """Scale the .grad of ``params`` jointly to global norm ``norm`` (None: leave them)."""
+    if norm is not None:
+        now = _norm([p.grad for p in params])
+        for p in params:
+            p.grad.mul_(norm / now)
+
+
+def val_loss_after_real_step(model, aug, opt, data, theta_shift=None, grad_norm=None) -> float:
+    """Second implementation of L_val(ω'(θ)): copy everything, take torch's own SGD step (with ``grad_norm``,
+    on the gradient rescaled to that global norm: the fixed-length look-ahead)."""
     state = copy.deepcopy({"m": model, "a": aug, "o": opt})
     m, a, o = state["m"], state["a"], state["o"]
     if theta_shift is not None:
@@ -45,6 +58,7 @@ def val_loss_after_real_step(model, aug, opt, data, theta_shift=None) -> float:
             for p, s in zip(a.parameters(), theta_shift, strict=True):
                 p.add_(s)
     F.cross_entropy(m(a(data["x_tr"], data["noise"])), data["y_tr"]).backward()
+    _rescale_grads(list(m.parameters()), grad_norm)
     o.step()
     with torch.no_grad():
         return F.cross_entropy(m(data["x_val"]), data["y_val"]).item()
@@ -291,16 +305,6 @@ def test_the_check_is_not_tripped_by_rounding_at_a_relu_kink(seed):
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in after.items())
 
 
-def _rescale_grads(params, norm: float) -> float:
-    """Scale the .grad of ``params`` jointly to global norm ``norm`` (None: leave them); returns their norm."""
-    grads = [p.grad for p in params]
-    now = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
-    if norm is not None:
-        for g in grads:
-            g.mul_(norm / now)
-    return now
-
-
 @pytest.mark.parametrize(("mode", "products", "hyper_batch"), [
     ("exact", "forward", 0), ("exact", "double", 0), ("exact", "forward", 3), ("finite_difference", "auto", 0)])
 def test_fixed_length_lookahead_matches_central_difference(mode, products, hyper_batch):
@@ -315,26 +319,14 @@ def test_fixed_length_lookahead_matches_central_difference(mode, products, hyper
     out = bilevel_step(*args, step_length="fixed", **kw)
     free = bilevel_step(*args, **kw)
 
-    def f(shift, norm):
-        st = copy.deepcopy({"m": model, "a": aug, "o": opt})
-        m, a, o = st["m"], st["a"], st["o"]
-        with torch.no_grad():
-            for p, s in zip(a.parameters(), shift, strict=True):
-                p.add_(s)
-        F.cross_entropy(m(a(data["x_tr"], data["noise"])), data["y_tr"]).backward()
-        g_norm = _rescale_grads(list(m.parameters()), norm)
-        o.step()
-        with torch.no_grad():
-            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item(), g_norm
-
-    zero = [torch.zeros_like(p) for p in aug.parameters()]
-    _, g0 = f(zero, None)
+    g0 = _norm(out.classifier_grads)  # the real step's length, held
     gen = torch.Generator().manual_seed(1)
     eps = 1e-7
     # with a hyper-batch the products estimate the full batch's from half of it: no exact reference
     for _ in range(0 if hyper_batch else 2):
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
-        fd = (f([eps * v for v in d], g0)[0] - f([-eps * v for v in d], g0)[0]) / (2 * eps)
+        fd = (val_loss_after_real_step(model, aug, opt, data, [eps * v for v in d], g0)
+              - val_loss_after_real_step(model, aug, opt, data, [-eps * v for v in d], g0)) / (2 * eps)
         analytic = sum((h * v).sum() for h, v in zip(out.augmenter_grads, d, strict=True)).item()
         assert analytic == pytest.approx(fd, rel=1e-4 if mode == "exact" else 2e-2), (analytic, fd)
     a, b = torch.cat([t.flatten() for t in out.augmenter_grads]), torch.cat([t.flatten() for t in free.augmenter_grads])
@@ -369,6 +361,7 @@ def test_fixed_length_k_step_unroll_matches_central_difference():
         opt.zero_grad()
     _, h = hypergradient(model, aug, trace, list(model.parameters()), data["x_val"], data["y_val"],
                          step_length="fixed")
+    steps_g = [rec.step_grad for rec in trace]
     trace[-1].step_grad = None
     with pytest.raises(ValueError, match="step_grad"):  # refused before any product is formed
         hypergradient(model, aug, trace, list(model.parameters()), data["x_val"], data["y_val"], step_length="fixed")
@@ -379,18 +372,17 @@ def test_fixed_length_k_step_unroll_matches_central_difference():
         with torch.no_grad():
             for p, s in zip(a.parameters(), shift, strict=True):
                 p.add_(s)
-        seen = []
         for ((x, y), z), n in zip(zip(batches, noises, strict=True), norms, strict=True):
             F.cross_entropy(m(a(x, z)), y).backward()
-            seen.append(_rescale_grads(list(m.parameters()), n))
+            _rescale_grads(list(m.parameters()), n)
             o.step()
             o.zero_grad()
         with torch.no_grad():
-            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item(), seen
+            return F.cross_entropy(m(data["x_val"]), data["y_val"]).item()
 
-    _, norms = f([torch.zeros_like(p) for p in aug.parameters()], [None, None])
+    norms = [_norm(g) for g in steps_g]  # the unperturbed trajectory's step lengths, held
     d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in aug.parameters()]
     eps = 1e-6
-    fd = (f([eps * v for v in d], norms)[0] - f([-eps * v for v in d], norms)[0]) / (2 * eps)
+    fd = (f([eps * v for v in d], norms) - f([-eps * v for v in d], norms)) / (2 * eps)
     analytic = sum((hi * v).sum() for hi, v in zip(h, d, strict=True)).item()
     assert analytic == pytest.approx(fd, rel=1e-4), (analytic, fd)
